@@ -1,0 +1,13 @@
+"""Kubeflow Pipelines components of the lopt pipeline, one module per step.
+
+Components are thin: each translates KFP parameters and artifacts into a call of the matching
+function in :mod:`lopt.steps` and imports it inside the function body, so compiling the
+pipeline never imports JAX, and the step logic stays testable without kfp.
+"""
+
+from components.base_model import prepare_base_model
+from components.meta_training import meta_train
+from components.registration import register
+from components.validation import validate
+
+__all__ = ["meta_train", "prepare_base_model", "register", "validate"]

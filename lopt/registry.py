@@ -1,0 +1,731 @@
+"""The MLflow registry, as a store of plain-file directories.
+
+This is the only module of ``lopt`` that imports :mod:`mlflow`. Everything else (loading a
+pretrained model, fetching a learned optimizer, the pipeline steps) goes through the small, typed
+API below, so the rest of the library knows nothing about MLflow and this module knows nothing
+about JAX.
+
+Why plain directories instead of MLflow "models" (pyfunc and friends):
+
+* No pickle. A pyfunc model is a cloudpickled Python object; loading one runs arbitrary code from
+  the registry. What we register is data (JSON metadata plus msgpack-serialized arrays), and
+  downloading it only copies files.
+* Consumers outside Python, or outside this package's version, can read the files: the format is
+  ours and documented, not whatever cloudpickle produced under one interpreter.
+* A downstream fine-tuning job needs ``lopt`` and ``mlflow`` only to *fetch*; it never has to
+  reconstruct the training environment a pyfunc wrapper would capture.
+
+How a directory becomes a registered model version: the files are logged as artifacts of a run
+under ``artifact_path``, and a model version is created with the source
+``runs:/<run_id>/<artifact_path>``. (``mlflow.register_model`` refuses plain run artifacts in
+MLflow 3; ``MlflowClient.create_model_version`` with an explicit source does not.) The ``runs:/``
+form is the one an MLflow tracking server validates against the ``run_id`` it is given, and it is
+resolved at download time through the run, with the tracking URI we pass explicitly, so the same
+code works for an embedded SQLite store with a local artifact root and for an HTTP server that
+proxies its artifact store.
+
+Tracking URIs: every function takes ``tracking_uri``; ``None`` means ``$MLFLOW_TRACKING_URI``,
+else an embedded SQLite store under ``$LOPT_HOME`` (default ``.lopt`` in the working directory).
+Every call builds an explicit ``MlflowClient`` for that URI; nothing here sets MLflow's global
+tracking or registry URI, so calls against different stores never leak into each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+# Before mlflow is imported: MLflow 3 reports usage to a remote endpoint unless told not to, and
+# its per-file progress bars only clutter pipeline logs for the few small files we move.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow.artifacts  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities.model_registry import ModelVersion  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+__all__ = [
+    "ModelRef",
+    "ModelVersionInfo",
+    "RegistrationError",
+    "RegistryError",
+    "RunLogger",
+    "alias_exists",
+    "default_artifact_root",
+    "delete_alias",
+    "download",
+    "end_run",
+    "ensure_experiment",
+    "get_version",
+    "lopt_home",
+    "log_artifacts",
+    "log_metrics",
+    "log_params",
+    "model_exists",
+    "parse_model_uri",
+    "register_directory",
+    "resolve",
+    "resolve_tracking_uri",
+    "run_logger",
+    "set_alias",
+    "set_run_tags",
+    "start_run",
+]
+
+_logger = logging.getLogger(__name__)
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+# MLflow's own limits per log_batch request (mlflow.utils.validation).
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+# Alias rules of the MLflow registry, checked before anything is written so that a bad alias
+# fails fast instead of after a version was created (and then rolled back).
+_ALIAS_PATTERN = re.compile(r"[\w\-]+")
+_RESERVED_ALIAS_PATTERN = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
+_ACCEPTED_URI_FORMS = (
+    "'models:/<name>/<version>', 'models:/<name>@<alias>' or 'models:/<name>/latest'"
+)
+# Error codes MLflow uses for "no such model / version / alias" (a missing alias is reported as
+# INVALID_PARAMETER_VALUE, not as RESOURCE_DOES_NOT_EXIST).
+_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+_READY = "READY"
+_PENDING = "PENDING_REGISTRATION"
+
+
+class RegistryError(LookupError):
+    """A registered model, version or alias that was asked for does not exist.
+
+    The message names what is missing, what does exist and the tracking URI searched.
+    """
+
+
+class RegistrationError(RuntimeError):
+    """Registering a directory failed; nothing half-registered was left behind."""
+
+
+class ModelRef(NamedTuple):
+    """A parsed ``models:/`` URI: exactly one of ``version`` / ``alias``, or neither for latest."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.version is not None:
+            return f"models:/{self.name}/{self.version}"
+        if self.alias is not None:
+            return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}/latest"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersionInfo:
+    """What the registry knows about one model version, detached from MLflow's entity types."""
+
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    description: str
+    run_id: str | None
+    source: str
+
+    @property
+    def uri(self) -> str:
+        """The version-pinned URI: stable even after aliases move."""
+        return f"models:/{self.name}/{self.version}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking URI and store locations
+
+
+def lopt_home() -> Path:
+    """``$LOPT_HOME`` or ``.lopt`` in the working directory, absolute and created."""
+    home = Path(os.environ.get("LOPT_HOME") or ".lopt").expanduser().absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def default_artifact_root() -> Path:
+    """Where artifacts go when no tracking server decides it: ``<LOPT_HOME>/mlartifacts``."""
+    return lopt_home() / "mlartifacts"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The argument if non-empty, else ``$MLFLOW_TRACKING_URI``, else ``<LOPT_HOME>/mlflow.db``."""
+    if tracking_uri:
+        return tracking_uri
+    if from_env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return from_env
+    return f"sqlite:///{lopt_home() / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    uri = resolve_tracking_uri(tracking_uri)
+    # The registry URI is passed too: otherwise MLflow falls back to its *global* registry URI,
+    # which may point at another store than the one we were asked to use.
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _client_writes_artifacts(tracking_uri: str) -> bool:
+    """True when the client, not a server, picks artifact locations (sqlite, file, postgres…).
+
+    Those stores default an experiment's artifacts to ``./mlruns`` of whatever the working
+    directory is at creation time; a server applies its own ``--artifacts-destination``.
+    """
+    scheme = urllib.parse.urlsplit(tracking_uri).scheme
+    return scheme not in {"http", "https"} and not scheme.startswith("databricks")
+
+
+def _redacted(tracking_uri: str) -> str:
+    """The URI without a password, safe to put in an error message."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.password is None:
+        return tracking_uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments and runs
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """The id of experiment ``name``, created if absent (restored if it was deleted)."""
+    client, uri = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            # A deleted experiment still owns its name; restoring is the only way to use it.
+            _logger.warning("Restoring deleted MLflow experiment %r to log into it.", name)
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_location = None
+    if _client_writes_artifacts(uri):
+        directory = default_artifact_root() / re.sub(r"[^\w.\-]+", "_", name)
+        directory.mkdir(parents=True, exist_ok=True)
+        artifact_location = directory.as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as e:
+        # Another step created it between our lookup and our create.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """Create a run in ``experiment`` (created if absent) and return its id.
+
+    The run is not made "active" in MLflow's fluent API: log to it by id, or with
+    :class:`RunLogger`, so concurrent runs in one process cannot get mixed up.
+    """
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    client, _ = _client(tracking_uri)
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    return run.info.run_id
+
+
+def log_metrics(
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int | None = None,
+    tracking_uri: str | None = None,
+) -> None:
+    """Log ``metrics`` at ``step`` in as few requests as MLflow allows.
+
+    Non-finite values are logged, not dropped: a diverging meta-step is worth seeing. MLflow stores
+    NaN as NaN and clamps ±inf to ±float max.
+    """
+    if not metrics:
+        return
+    client, _ = _client(tracking_uri)
+    timestamp = int(time.time() * 1000)
+    entries = [
+        Metric(key, _as_float(key, value), timestamp, step or 0) for key, value in metrics.items()
+    ]
+    for batch in _chunks(entries, _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch)
+
+
+def log_params(run_id: str, params: Mapping[str, Any], tracking_uri: str | None = None) -> None:
+    """Log ``params`` as strings. MLflow params are write-once: re-logging a key with another
+    value raises."""
+    if not params:
+        return
+    client, _ = _client(tracking_uri)
+    entries = [Param(key, str(value)) for key, value in params.items()]
+    for batch in _chunks(entries, _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=batch)
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None = None) -> None:
+    """Set (or overwrite) tags on a run."""
+    if not tags:
+        return
+    client, _ = _client(tracking_uri)
+    entries = [RunTag(key, str(value)) for key, value in tags.items()]
+    for batch in _chunks(entries, _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=batch)
+
+
+def log_artifacts(
+    run_id: str,
+    local_dir: str | os.PathLike[str],
+    artifact_path: str | None = None,
+    tracking_uri: str | None = None,
+) -> None:
+    """Copy the files under ``local_dir`` into the run's artifacts, under ``artifact_path``."""
+    client, _ = _client(tracking_uri)
+    client.log_artifacts(run_id, os.fspath(local_dir), artifact_path)
+
+
+def end_run(run_id: str, status: RunStatus = "FINISHED", tracking_uri: str | None = None) -> None:
+    """Mark the run terminated with ``status``."""
+    client, _ = _client(tracking_uri)
+    client.set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """One run, bound to one tracking URI: a metrics callback for training loops.
+
+    ``logger(step, metrics)`` and ``logger.log_metrics(metrics, step)`` each make one MLflow call.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None) -> None:
+        self.run_id = run_id
+        # Resolved once, so a later change of $MLFLOW_TRACKING_URI cannot split a run's logs.
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        log_metrics(self.run_id, metrics, step, self.tracking_uri)
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.log_metrics(metrics, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        log_params(self.run_id, params, self.tracking_uri)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        set_run_tags(self.run_id, tags, self.tracking_uri)
+
+    def log_artifacts(
+        self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        log_artifacts(self.run_id, local_dir, artifact_path, self.tracking_uri)
+
+    def end(self, status: RunStatus = "FINISHED") -> None:
+        end_run(self.run_id, status, self.tracking_uri)
+
+
+@contextmanager
+def run_logger(
+    experiment: str,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[RunLogger]:
+    """A new run for the duration of the block: FINISHED on success, FAILED on an exception,
+    KILLED on an interrupt."""
+    logger = RunLogger(start_run(experiment, run_name, tracking_uri, tags), tracking_uri)
+    if params:
+        logger.log_params(params)
+    try:
+        yield logger
+    except Exception:
+        logger.end("FAILED")
+        raise
+    except BaseException:
+        logger.end("KILLED")
+        raise
+    logger.end("FINISHED")
+
+
+def _as_float(key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}") from e
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model URIs
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """Parse ``models:/name/3``, ``models:/name@alias`` or ``models:/name/latest``.
+
+    Stages (``models:/name/Production``) are not accepted: MLflow 3 replaced them with aliases.
+    """
+    if not isinstance(uri, str) or not uri.startswith("models:/") or uri.startswith("models://"):
+        raise ValueError(f"Not a registered-model URI: {uri!r}. Use {_ACCEPTED_URI_FORMS}.")
+    path = uri[len("models:/") :]
+    name, slash, suffix = path.partition("/")
+    if slash:
+        if not name or "@" in name or "/" in suffix:
+            raise ValueError(f"Malformed model URI {uri!r}. Use {_ACCEPTED_URI_FORMS}.")
+        if suffix.isdigit() and int(suffix) > 0:
+            return ModelRef(name, version=int(suffix))
+        if suffix == "latest":
+            return ModelRef(name)
+        raise ValueError(
+            f"Model URI {uri!r} ends in {suffix!r}, which is neither a version number nor "
+            f"'latest' (registry stages are not supported; use an alias). "
+            f"Use {_ACCEPTED_URI_FORMS}."
+        )
+    name, at, alias = path.rpartition("@")
+    if not at or not name or not _ALIAS_PATTERN.fullmatch(alias):
+        raise ValueError(
+            f"Malformed model URI {uri!r}: a version or an alias is required. "
+            f"Use {_ACCEPTED_URI_FORMS}."
+        )
+    return ModelRef(name, alias=alias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup
+
+
+def resolve(uri: str, tracking_uri: str | None = None) -> ModelVersionInfo:
+    """The model version ``uri`` points to now (aliases and ``latest`` resolved)."""
+    return _resolve_ref(parse_model_uri(uri), tracking_uri)
+
+
+def get_version(
+    name: str,
+    *,
+    version: int | None = None,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+) -> ModelVersionInfo:
+    """A model version by number or by alias; the latest version when neither is given."""
+    if version is not None and alias is not None:
+        raise ValueError("Give a version or an alias, not both.")
+    if alias is not None and not _ALIAS_PATTERN.fullmatch(alias):
+        raise ValueError(f"Invalid alias {alias!r}: use letters, digits, '_' and '-'.")
+    return _resolve_ref(ModelRef(name, version, alias), tracking_uri)
+
+
+def download(
+    uri: str, tracking_uri: str | None = None, dst: str | os.PathLike[str] | None = None
+) -> Path:
+    """Download the files of model version ``uri`` and return the directory holding them.
+
+    Only files are copied; nothing is deserialized. The result is always a fresh copy, under
+    ``dst`` or a new temporary directory: MLflow would otherwise hand back the store's own
+    directory for a local artifact root, where a careless consumer could modify the registry.
+    """
+    info = resolve(uri, tracking_uri)
+    client, resolved_uri = _client(tracking_uri)
+    # Resolve the version ourselves and download its underlying location: passing the models:/
+    # URI to MLflow would look it up through the global registry URI, not ours.
+    location = client.get_model_version_download_uri(info.name, str(info.version))
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="lopt-model-"))
+    target.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=location,
+        dst_path=os.fspath(target),
+        tracking_uri=resolved_uri,
+        registry_uri=resolved_uri,
+    )
+    return Path(local)
+
+
+def model_exists(name: str, tracking_uri: str | None = None) -> bool:
+    """Whether a registered model ``name`` exists."""
+    client, _ = _client(tracking_uri)
+    return _registered_model_or_none(client, name) is not None
+
+
+def alias_exists(name: str, alias: str, tracking_uri: str | None = None) -> bool:
+    """Whether registered model ``name`` exists and has ``alias``."""
+    client, _ = _client(tracking_uri)
+    model = _registered_model_or_none(client, name)
+    return model is not None and alias in model.aliases
+
+
+def _resolve_ref(ref: ModelRef, tracking_uri: str | None) -> ModelVersionInfo:
+    client, uri = _client(tracking_uri)
+    try:
+        if ref.alias is not None:
+            mv = client.get_model_version_by_alias(ref.name, ref.alias)
+        elif ref.version is not None:
+            mv = client.get_model_version(ref.name, str(ref.version))
+        else:
+            mv = _latest_version(client, ref.name)
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND_CODES:
+            raise
+        raise _not_found(client, uri, ref) from None
+    if mv is None:
+        raise _not_found(client, uri, ref)
+    return _info(mv)
+
+
+def _latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    versions = client.search_model_versions(
+        _name_filter(name), order_by=["version_number DESC"], max_results=1
+    )
+    if versions:
+        return versions[0]
+    # An empty search does not tell a missing model from an empty one; this call raises for the
+    # former, and the caller turns that into a RegistryError.
+    client.get_registered_model(name)
+    return None
+
+
+def _not_found(client: MlflowClient, uri: str, ref: ModelRef) -> RegistryError:
+    """A RegistryError saying what is missing and what exists instead (a few more lookups, only
+    on this error path)."""
+    where = f"in the MLflow registry at {_redacted(uri)}"
+    model = _registered_model_or_none(client, ref.name)
+    if model is None:
+        return RegistryError(
+            f"Registered model {ref.name!r} does not exist {where}. "
+            f"{_existing_models_hint(client, ref.name)} "
+            f"Check the name, or set MLFLOW_TRACKING_URI / tracking_uri to the registry that "
+            f"holds it (it may not have been registered yet)."
+        )
+    versions = _version_numbers(client, ref.name)
+    aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(model.aliases.items())) or "none"
+    existing = f"Existing versions (newest first): {versions or 'none'}; aliases: {aliases}."
+    if ref.alias is not None:
+        return RegistryError(
+            f"Registered model {ref.name!r} has no alias {ref.alias!r} {where}. {existing} "
+            f"Use one of these, or set the alias first (e.g. lopt.registry.set_alias)."
+        )
+    if ref.version is not None:
+        return RegistryError(
+            f"Registered model {ref.name!r} has no version {ref.version} {where}. {existing}"
+        )
+    return RegistryError(f"Registered model {ref.name!r} has no versions yet {where}.")
+
+
+def _registered_model_or_none(client: MlflowClient, name: str) -> Any:
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in _NOT_FOUND_CODES:
+            return None
+        raise
+
+
+def _existing_models_hint(client: MlflowClient, name: str, shown: int = 10) -> str:
+    names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+    if not names:
+        return "The registry holds no registered models."
+    close = difflib.get_close_matches(name, names, n=3)
+    listed = close + [n for n in names if n not in close][: max(shown - len(close), 0)]
+    more = f" and {len(names) - len(listed)} more" if len(names) > len(listed) else ""
+    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
+    return f"Registered models there: {', '.join(listed)}{more}.{did_you_mean}"
+
+
+def _version_numbers(client: MlflowClient, name: str, shown: int = 10) -> list[int]:
+    versions = client.search_model_versions(
+        _name_filter(name), order_by=["version_number DESC"], max_results=shown
+    )
+    return [int(v.version) for v in versions]
+
+
+def _name_filter(name: str) -> str:
+    # MLflow's filter grammar has no escape for a quote inside a string: use the other quote.
+    quote = '"' if "'" in name else "'"
+    return f"name={quote}{name}{quote}"
+
+
+def _info(mv: ModelVersion) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        name=mv.name,
+        version=int(mv.version),
+        aliases=tuple(mv.aliases or ()),
+        tags=dict(mv.tags or {}),
+        description=mv.description or "",
+        run_id=mv.run_id,
+        source=mv.source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and aliases
+
+
+def register_directory(
+    name: str,
+    local_dir: str | os.PathLike[str],
+    *,
+    run_id: str,
+    artifact_path: str,
+    tags: Mapping[str, str] | None = None,
+    description: str = "",
+    aliases: Sequence[str] = (),
+    tracking_uri: str | None = None,
+    ready_timeout_s: float = 300.0,
+) -> int:
+    """Register the files under ``local_dir`` as a new version of ``name``; return its number.
+
+    The files are logged to run ``run_id`` under ``artifact_path`` (which must be unused in that
+    run: a ``runs:/`` source is the run's files, so overwriting them would silently change an
+    earlier version), the registered model is created if absent, and the version gets ``tags``,
+    ``description`` and ``aliases`` (moved from whichever version held them).
+
+    All or nothing: if anything fails once the version exists, the version (and the registered
+    model, if this call created it) is deleted again and :class:`RegistrationError` is raised.
+    """
+    local = Path(local_dir)
+    if not local.is_dir() or not any(p.is_file() for p in local.rglob("*")):
+        raise ValueError(f"Nothing to register: {local} is not a directory with files in it.")
+    artifact_path = _checked_artifact_path(artifact_path)
+    for alias in aliases:
+        _check_alias(alias)
+    client, uri = _client(tracking_uri)
+    if client.list_artifacts(run_id, artifact_path):
+        raise ValueError(
+            f"Run {run_id} already has artifacts under {artifact_path!r}; registering there would "
+            f"overwrite the files of an earlier version. Use a fresh artifact_path or run."
+        )
+    client.log_artifacts(run_id, os.fspath(local), artifact_path)
+
+    created_model = _create_model_if_absent(client, name)
+    try:
+        mv = client.create_model_version(
+            name,
+            source=f"runs:/{run_id}/{artifact_path}",
+            run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            description=description or None,
+            # We wait ourselves (below), inside the rollback guard and without MLflow's INFO log.
+            await_creation_for=0,
+        )
+    except BaseException:
+        if created_model:
+            _delete_model_if_empty(client, name)
+        raise
+    version = int(mv.version)
+    try:
+        _wait_until_ready(client, mv, ready_timeout_s)
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, str(version))
+    except BaseException as e:
+        rollback = _rollback(client, name, version, created_model)
+        if not isinstance(e, Exception):  # KeyboardInterrupt and friends: clean up, then go.
+            raise
+        raise RegistrationError(
+            f"Registering {local} as version {version} of {name!r} at {_redacted(uri)} failed "
+            f"({type(e).__name__}: {e}). {rollback}"
+        ) from e
+    return version
+
+
+def set_alias(name: str, alias: str, version: int, tracking_uri: str | None = None) -> None:
+    """Point ``alias`` of ``name`` at ``version`` (moving it if another version held it)."""
+    _check_alias(alias)
+    client, uri = _client(tracking_uri)
+    try:
+        client.set_registered_model_alias(name, alias, str(int(version)))
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND_CODES:
+            raise
+        raise _not_found(client, uri, ModelRef(name, version=int(version))) from None
+
+
+def delete_alias(name: str, alias: str, tracking_uri: str | None = None) -> None:
+    """Remove ``alias`` from ``name``; a no-op when the alias is not set. Raises
+    :class:`RegistryError` when the model does not exist."""
+    client, uri = _client(tracking_uri)
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND_CODES:
+            raise
+        raise _not_found(client, uri, ModelRef(name, alias=alias)) from None
+
+
+def _checked_artifact_path(artifact_path: str) -> str:
+    path = artifact_path.strip("/")
+    if not path or any(part in {"", ".", ".."} for part in path.split("/")):
+        raise ValueError(
+            f"artifact_path must be a relative path like 'optimizer', got {artifact_path!r}."
+        )
+    return path
+
+
+def _check_alias(alias: str) -> None:
+    if not _ALIAS_PATTERN.fullmatch(alias) or _RESERVED_ALIAS_PATTERN.fullmatch(alias):
+        raise ValueError(
+            f"Invalid alias {alias!r}: use letters, digits, '_' and '-'; 'latest' and 'v<number>' "
+            f"are reserved by MLflow."
+        )
+
+
+def _create_model_if_absent(client: MlflowClient, name: str) -> bool:
+    """Create registered model ``name``; True if this call created it."""
+    try:
+        client.create_registered_model(name)
+        return True
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_ALREADY_EXISTS":
+            return False
+        raise
+
+
+def _wait_until_ready(client: MlflowClient, mv: ModelVersion, timeout_s: float) -> None:
+    # Local stores answer READY at once; a server with an asynchronous registry may not.
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while mv.status == _PENDING:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"version {mv.version} still {_PENDING} after {timeout_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 3.0)
+        mv = client.get_model_version(mv.name, str(mv.version))
+    if mv.status != _READY:
+        raise RuntimeError(f"version {mv.version} ended {mv.status}: {mv.status_message}")
+
+
+def _rollback(client: MlflowClient, name: str, version: int, created_model: bool) -> str:
+    """Delete the half-registered version; return a sentence saying what was undone."""
+    try:
+        client.delete_model_version(name, str(version))
+        if created_model:
+            _delete_model_if_empty(client, name)
+    except Exception as cleanup_error:  # Report both failures rather than hide the first.
+        _logger.exception("Rolling back version %s of %r failed", version, name)
+        return (
+            f"Rolling back failed too ({cleanup_error}); delete version {version} of {name!r} "
+            f"by hand."
+        )
+    return f"Version {version} was deleted again; the registry is as it was before."
+
+
+def _delete_model_if_empty(client: MlflowClient, name: str) -> None:
+    if not client.search_model_versions(_name_filter(name), max_results=1):
+        client.delete_registered_model(name)

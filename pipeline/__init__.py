@@ -1,0 +1,1 @@
+"""The lopt Kubeflow pipeline and the ``lopt`` command line."""

@@ -1,0 +1,53 @@
+"""The pipeline: load pretrained → meta-train → validate → register.
+
+Every step reads or writes registry state (the base model may be pretrained and registered by
+the first step, aliases move in the last), so KFP caching is off for all of them: a cached
+step would replay a stale registry decision.
+"""
+
+
+from kfp import dsl
+
+from components import meta_train, prepare_base_model, register, validate
+
+PIPELINE_NAME = "lopt-l3rs"
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description=(
+        "Meta-train an L3RS learned optimizer specialized to a registered pretrained model, "
+        "validate it against tuned Adam, and register it in MLflow as l3rs-<base-model>."
+    ),
+)
+def l3rs_pipeline(
+    base_model: str = "cnn-mnist",
+    budget: str = "default",
+    overrides: str = "",
+    tracking_uri: str = "",
+    data_dir: str = "",
+) -> str:
+    common = dict(budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir)
+    base = prepare_base_model(
+        base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **common
+    ).set_display_name("load pretrained")
+    trained = meta_train(
+        base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"], **common
+    ).set_display_name("meta-train")
+    validated = validate(
+        base_model_uri=base.outputs["base_model_uri"],
+        run_id=base.outputs["run_id"],
+        optimizer=trained.outputs["optimizer"],
+        **common,
+    ).set_display_name("validate")
+    registered = register(
+        base_model_uri=base.outputs["base_model_uri"],
+        run_id=base.outputs["run_id"],
+        tracking_uri=tracking_uri,
+        pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        optimizer=trained.outputs["optimizer"],
+        report=validated.outputs["report"],
+    ).set_display_name("register")
+    for task in (base, trained, validated, registered):
+        task.set_caching_options(False)
+    return registered.output

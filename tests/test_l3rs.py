@@ -1,0 +1,196 @@
+"""The L3RS update rule: one suite of optax-style checks run over several configurations."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lopt import models, serialization
+from lopt.l3rs import (
+    DIRECTIONS,
+    L3RS,
+    L3RSConfig,
+    LayerLayout,
+    LayoutMismatchError,
+    constant_meta_params,
+)
+
+SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
+
+CONFIGS = {
+    "default": L3RSConfig(),
+    "three_directions": L3RSConfig(directions=("adam", "momentum", "gradient")),
+    "one_decay": L3RSConfig(ema_decays=(0.5,), embedding_dim=2, hidden_size=4),
+}
+
+
+def _params(dtype=jnp.float32, spec=SPEC):
+    params = models.init_params(spec, jax.random.key(0))
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def _grads(params, seed):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, p.shape).astype(p.dtype) for k, p in zip(keys, leaves)]
+    )
+
+
+def _rms(x):
+    return float(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config(request):
+    return CONFIGS[request.param]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_updates_keep_shapes_and_dtypes_and_state_is_jit_stable(config, dtype):
+    params = _params(dtype)
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(1)), num_steps=10)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(3):
+        updates, new_state = update(_grads(params, step), state, params, value=jnp.float32(1.0 / (step + 1)))
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        assert jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), new_state, state)
+        for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+            assert u.shape == p.shape and u.dtype == p.dtype
+            assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
+        params, state = optax.apply_updates(params, updates), new_state
+    assert int(state.count) == 3
+    # jit compiled once: the state kept its structure, shapes and dtypes.
+    assert update._cache_size() == 1
+
+
+def test_update_requires_loss_and_params(config):
+    params = _params()
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps=10)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="value=loss"):
+        opt.update(_grads(params, 0), state, params)
+    with pytest.raises(ValueError, match="value=loss"):
+        opt.update(_grads(params, 0), state, value=1.0)
+
+
+def _reference_direction(name, grads_seq, b1=0.9, b2=0.999, eps=1e-8):
+    """Each base optimizer written out independently, leaf by leaf, then unit-RMS normalized."""
+    if name == "adam":
+        opt = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+        state = opt.init(grads_seq[0])
+        for g in grads_seq:
+            out, state = opt.update(g, state)
+    else:
+        m = jax.tree.map(jnp.zeros_like, grads_seq[0])
+        v = jax.tree.map(jnp.zeros_like, grads_seq[0])
+        for t, g in enumerate(grads_seq, start=1):
+            m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+            v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+        v_hat = jax.tree.map(lambda v: v / (1 - b2**t), v)
+        out = {
+            "momentum": m,
+            "gradient": grads_seq[-1],
+            "rmsprop": jax.tree.map(lambda g, v: g / (jnp.sqrt(v) + eps), grads_seq[-1], v_hat),
+            "sign_momentum": jax.tree.map(jnp.sign, m),
+        }[name]
+    return jax.tree.map(lambda d: d / jnp.sqrt(jnp.mean(d * d)), out)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
+    params = _params()
+    config = L3RSConfig(base_learning_rate=0.01)
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    scale = 0.5
+    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
+    state = opt.init(params)
+    grads_seq = [_grads(params, s) for s in range(4)]
+    for g in grads_seq:
+        updates, state = opt.update(g, state, params, value=jnp.float32(1.0))
+    expected = _reference_direction(direction, grads_seq)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(u, -0.01 * scale * e, rtol=2e-4, atol=1e-7)
+
+
+def test_untrained_optimizer_is_a_sensible_adam():
+    params = _params()
+    config = L3RSConfig()
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    theta = l3rs.init(jax.random.key(3))
+    opt = l3rs.opt_fn(theta, num_steps=100)
+    state = opt.init(params)
+    _, state = opt.update(_grads(params, 0), state, params, value=jnp.float32(2.0))
+    controls = l3rs.controls_for_state(theta, state, 100)
+    adam = config.directions.index("adam")
+    assert np.all(np.asarray(controls.mixing_coefficients)[:, adam] > 0.5)
+    lr = np.asarray(controls.learning_rates) / config.base_learning_rate
+    assert np.all((lr > 0.8) & (lr < 1.25))
+
+
+def test_learning_rate_schedule_depends_on_time_and_horizon():
+    """t/T and log T are inputs: the same state at another horizon gives other controls."""
+    params = _params()
+    l3rs = L3RS(L3RSConfig(init_output_scale=1.0), LayerLayout.from_params(params))
+    theta = l3rs.init(jax.random.key(0))
+    opt = l3rs.opt_fn(theta, num_steps=10)
+    _, state = opt.update(_grads(params, 0), opt.init(params), params, value=jnp.float32(1.0))
+    short = l3rs.controls_for_state(theta, state, 10).learning_rates
+    long = l3rs.controls_for_state(theta, state, 1000).learning_rates
+    assert not np.allclose(short, long)
+
+
+def test_layout_mismatch_names_the_layers_and_allows_a_new_head_size():
+    params = _params()
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps=10)
+    # A head for another number of classes is the same architecture.
+    opt.init(models.with_fresh_head(SPEC, params, 7, jax.random.key(1)))
+    other = _params(spec=models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(6,), hidden_size=8))
+    with pytest.raises(LayoutMismatchError, match=r"PatchConv_0/Dense_0/kernel: expected shape \[9, 4\], got \[9, 6\]"):
+        opt.init(other)
+    deeper = _params(spec=models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4, 4), hidden_size=8))
+    with pytest.raises(LayoutMismatchError, match="unexpected PatchConv_1/Dense_0/kernel"):
+        opt.init(deeper)
+
+
+def test_config_rejects_unknown_directions():
+    with pytest.raises(ValueError, match="Unknown base directions"):
+        L3RSConfig(directions=("adam", "lamb"))
+    with pytest.raises(ValueError, match="init_direction"):
+        L3RSConfig(directions=("momentum", "gradient"))
+
+
+def test_serialization_round_trip_gives_identical_updates(tmp_path, config):
+    params = _params()
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    theta = l3rs.init(jax.random.key(5))
+    directory = serialization.save_optimizer(tmp_path / "opt", l3rs, theta, horizon=50, extra={"note": "x"})
+    header = json.loads((directory / "optimizer.json").read_text())
+    assert header["format"] == "lopt.l3rs" and header["horizon"] == 50 and header["note"] == "x"
+    loaded, theta2, header2 = serialization.load_optimizer(directory)
+    assert loaded.config == config and loaded.layout == l3rs.layout
+    grads = _grads(params, 0)
+    out = []
+    for opt in (l3rs.opt_fn(theta, 50), loaded.opt_fn(theta2, 50)):
+        out.append(opt.update(grads, opt.init(params), params, value=jnp.float32(1.0))[0])
+    jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
+
+
+def test_loading_theta_of_another_shape_is_an_error(tmp_path):
+    params = _params()
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    serialization.save_optimizer(tmp_path, l3rs, l3rs.init(jax.random.key(0)), horizon=10)
+    header = json.loads((tmp_path / "optimizer.json").read_text())
+    header["config"]["hidden_size"] = 7
+    (tmp_path / "optimizer.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="do not match"):
+        serialization.load_optimizer(tmp_path)

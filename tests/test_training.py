@@ -1,0 +1,112 @@
+"""Models, unrolls and the ES estimator on small synthetic problems."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt import models
+from lopt.meta_training import AntitheticES, meta_train
+from lopt.training import Split, adam_factory, default_eval_every, unroll
+
+SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4, 8), hidden_size=16)
+
+
+@pytest.mark.parametrize("size", [7, 8, 14])
+def test_patch_conv_equals_a_strided_same_convolution(size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    module = models.PatchConv(features=5)
+    params = module.init(jax.random.key(1), x)
+    kernel = params["params"]["Dense_0"]["kernel"].reshape(3, 3, 3, 5)  # (kh, kw, C_in, C_out)
+    expected = jax.lax.conv_general_dilated(
+        x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ) + params["params"]["Dense_0"]["bias"]
+    np.testing.assert_allclose(module.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_head_replaces_only_the_head():
+    params = models.init_params(SPEC, jax.random.key(0))
+    fresh = models.with_fresh_head(SPEC, params, 7, jax.random.key(1))
+    assert fresh["head"]["kernel"].shape == (16, 7)
+    for name in params:
+        if name != "head":
+            jax.tree.map(np.testing.assert_array_equal, params[name], fresh[name])
+    other = models.with_fresh_head(SPEC, params, 7, jax.random.key(2))
+    assert not np.allclose(fresh["head"]["kernel"], other["head"]["kernel"])
+    logits = models.model_fn(SPEC.with_num_classes(7))(fresh, jnp.zeros((4, 8, 8, 1)))
+    assert logits.shape == (4, 7)
+
+
+def test_model_spec_json_round_trip_and_errors():
+    assert models.ModelSpec.from_json(SPEC.to_json()) == SPEC
+    with pytest.raises(ValueError, match="Unknown architecture"):
+        models.ModelSpec(num_classes=3, architecture="vit")
+
+
+def _toy_split(n=256, seed=0):
+    key_x, key_y = jax.random.split(jax.random.key(seed))
+    labels = jax.random.randint(key_y, (n,), 0, 3)
+    # Class-dependent brightness: learnable in a few dozen steps.
+    images = jax.random.uniform(key_x, (n, 8, 8, 1)) * 0.3 + labels[:, None, None, None] * 0.3
+    return Split(images, labels)
+
+
+def test_unroll_trains_and_is_a_pure_function_of_its_key():
+    train, val = _toy_split(), _toy_split(seed=1)
+    params = models.init_params(SPEC, jax.random.key(0))
+    kwargs = dict(
+        model_fn=models.model_fn(SPEC), make_optimizer=adam_factory, num_steps=60, batch_size=32,
+        eval_every=default_eval_every(60),
+    )
+    a = unroll(jnp.float32(3e-3), params, train, (val,), jax.random.key(0), **kwargs)
+    b = unroll(jnp.float32(3e-3), params, train, (val,), jax.random.key(0), **kwargs)
+    assert a.eval_loss.shape == (1, 11) and a.train_loss.shape == (60,)
+    assert list(np.asarray(a.eval_steps)) == list(range(0, 61, 6))
+    assert float(a.eval_loss[0, -1]) < 0.5 * float(a.eval_loss[0, 0])
+    np.testing.assert_array_equal(a.eval_loss, b.eval_loss)
+
+
+def test_unroll_rejects_a_horizon_that_is_not_a_multiple_of_eval_every():
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        unroll(
+            jnp.float32(1e-3), models.init_params(SPEC, jax.random.key(0)), _toy_split(), (), jax.random.key(0),
+            model_fn=models.model_fn(SPEC), make_optimizer=adam_factory, num_steps=10, batch_size=4,
+            eval_every=3,
+        )
+
+
+def _quadratic(theta, key):
+    del key
+    return jnp.sum(jnp.square(theta["x"] - 1.0)) + jnp.sum(jnp.square(theta["y"]))
+
+
+def test_antithetic_es_estimates_the_gradient():
+    theta = {"x": jnp.zeros(4), "y": jnp.ones((2, 3))}
+    estimator = AntitheticES(_quadratic, num_pairs=2000, sigma=0.01)
+    estimate = estimator(theta, jax.random.key(0))
+    true = jax.grad(_quadratic)(theta, None)
+    flat = lambda t: jnp.concatenate([t["x"].ravel(), t["y"].ravel()])
+    cosine = jnp.dot(flat(estimate.gradient), flat(true)) / (
+        jnp.linalg.norm(flat(estimate.gradient)) * jnp.linalg.norm(flat(true))
+    )
+    assert float(cosine) > 0.9
+    assert set(estimate.metrics) == {"objective", "objective_std", "gradient_norm"}
+
+
+def test_meta_train_descends_and_reports_every_step():
+    theta = {"x": jnp.zeros(4), "y": jnp.ones((2, 3))}
+    seen = []
+    result = meta_train(
+        AntitheticES(_quadratic, num_pairs=8, sigma=0.05), theta, num_steps=40, learning_rate=0.1,
+        key=jax.random.key(0), on_step=lambda step, metrics: seen.append(step), progress=False,
+    )
+    assert seen == list(range(40))
+    assert float(_quadratic(result.theta, None)) < 0.2 * float(_quadratic(theta, None))
+    assert result.history[-1]["objective"] < result.history[0]["objective"]
+
+
+def test_es_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_pairs"):
+        AntitheticES(_quadratic, num_pairs=0, sigma=0.1)
