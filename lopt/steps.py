@@ -18,6 +18,7 @@ import jax
 
 from lopt import registry
 from lopt.config import RunConfig, get_config
+from lopt.data import load_dataset
 from lopt.evaluation import pretrain
 from lopt.hub import CHAMPION, load_pretrained, register_base_model, register_optimizer
 from lopt.l3rs import L3RS, LayerLayout
@@ -39,6 +40,19 @@ def _config(budget: str, overrides: str) -> RunConfig:
     return get_config(budget, overrides)
 
 
+def check_inputs(budget: str, overrides: str, data_dir: str = "") -> RunConfig:
+    """Fails fast, before any training, on a bad budget, override or dataset name.
+
+    Loading every dataset the config names also prepares the offline ones, once, up front.
+    """
+    config = _config(budget, overrides)
+    specs = [config.pretrain.task, config.meta_train.task, *config.validation.tasks, *config.validation.reference_tasks]
+    for dataset in dict.fromkeys(spec.dataset for spec in specs):
+        for split in ("train", "test"):
+            load_dataset(dataset, split, _data_dir(data_dir))
+    return config
+
+
 def prepare_base_model(
     base_model: str,
     budget: str = "default",
@@ -52,7 +66,7 @@ def prepare_base_model(
 
     Returns the base model's pinned URI (``models:/name/version``) and the MLflow run id.
     """
-    config = _config(budget, overrides)
+    config = check_inputs(budget, overrides, data_dir)
     uri = tracking_uri or None
     if not base_model or "/" in base_model or "@" in base_model:
         raise ValueError(

@@ -40,11 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from lopt import registry
-    from lopt.config import get_config
     from lopt.data import default_data_dir
+    from lopt.steps import check_inputs
     from pipeline.pipeline import l3rs_pipeline
 
-    get_config(args.budget, args.overrides)  # fail fast on a bad budget or override
+    # Bad budget, override or dataset name: a clear error now, not a failed step later.
+    check_inputs(args.budget, args.overrides, str(default_data_dir()))
     tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

@@ -30,16 +30,16 @@ def l3rs_pipeline(
     common = dict(budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir)
     base = prepare_base_model(
         base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **common
-    ).set_display_name("load pretrained")
+    )
     trained = meta_train(
         base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"], **common
-    ).set_display_name("meta-train")
+    )
     validated = validate(
         base_model_uri=base.outputs["base_model_uri"],
         run_id=base.outputs["run_id"],
         optimizer=trained.outputs["optimizer"],
         **common,
-    ).set_display_name("validate")
+    )
     registered = register(
         base_model_uri=base.outputs["base_model_uri"],
         run_id=base.outputs["run_id"],
@@ -47,7 +47,7 @@ def l3rs_pipeline(
         pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         optimizer=trained.outputs["optimizer"],
         report=validated.outputs["report"],
-    ).set_display_name("register")
+    )
     for task in (base, trained, validated, registered):
         task.set_caching_options(False)
     return registered.output

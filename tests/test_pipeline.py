@@ -1,0 +1,89 @@
+"""The Kubeflow pipeline: compilation, the CLI's input checks, and a whole local run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline import cli
+
+
+def test_compile_writes_a_pipeline_with_four_uncached_steps(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    assert cli.main(["compile", "-o", str(out)]) == 0
+    spec = yaml.safe_load(out.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prepare-base-model", "meta-train", "validate", "register"}
+    # Every step reads or writes registry state: none may be served from KFP's cache.
+    assert all(task["cachingOptions"].get("enableCache", False) is False for task in tasks.values())
+    assert tasks["validate"]["dependentTasks"] == ["meta-train", "prepare-base-model"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["base_model"]["defaultValue"] == "cnn-mnist"
+    assert params["budget"]["defaultValue"] == "default"
+    # The steps never pip-install at start: the image (or local venv) has the project.
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(executor["container"]["command"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "huge"], "Unknown budget 'huge'"),
+        (["--overrides", "{not json"], "not valid JSON"),
+        (["--overrides", '{"meta_train": {"horizn": 5}}'], "horizn"),
+        (["--budget", "tiny", "--overrides", '{"validation": {"tasks": [{"dataset": "no_such_data"}]}}'], "no_such_data"),
+    ],
+)
+def test_run_rejects_bad_input_before_training(tmp_path, capsys, args, message):
+    assert cli.main(["run", "--home", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lopt
+    from lopt import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = tmp_path / "home"
+    assert cli.main(["run", "--budget", "tiny", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "registered l3rs-cnn-mnist version 1" in out
+    assert "sklearn_digits" in out and "gate:" in out
+
+    uri = f"sqlite:///{home}/mlflow.db"
+    base = registry.resolve("models:/cnn-mnist@champion", uri)
+    optimizer = registry.resolve("models:/l3rs-cnn-mnist@challenger", uri)
+    assert optimizer.tags["base_model"] == "cnn-mnist"
+    assert optimizer.tags["base_model_version"] == str(base.version)
+    assert ("champion" in optimizer.aliases) == (optimizer.tags["gate_passed"] == "true")
+    report = json.loads((registry.download(optimizer.uri, uri) / "validation_report.json").read_text())
+    horizons = {c["horizon"] for c in report["comparisons"]}
+    assert horizons == {report["meta_horizon"], 2 * report["meta_horizon"]}
+
+    # The contract of DESIGN.md §2, end to end.
+    model_fn, params, info = lopt.load_pretrained("models:/cnn-mnist@champion", num_classes=10, tracking_uri=uri)
+    opt = lopt.fetch_optimizer("models:/l3rs-cnn-mnist@challenger", num_steps=40, tracking_uri=uri)
+    images = jnp.zeros((8, *info["input_shape"]))
+    labels = jnp.arange(8)
+    loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(model_fn(p, images), labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, _ = opt.update(grads, opt.init(params), params, value=loss)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+    # The MLflow run of the pipeline holds the meta-training curve and the validation numbers.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(optimizer.run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "meta/objective")) == 2
+    assert "val/gate_passed" in run.data.metrics
