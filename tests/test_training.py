@@ -9,7 +9,8 @@ import pytest
 
 from lopt import models
 from lopt.meta_training import AntitheticES, meta_train
-from lopt.training import Split, adam_factory, default_eval_every, unroll
+from lopt.baselines import adam
+from lopt.training import Split, default_eval_every, unroll
 
 SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4, 8), hidden_size=16)
 
@@ -57,7 +58,7 @@ def test_unroll_trains_and_is_a_pure_function_of_its_key():
     train, val = _toy_split(), _toy_split(seed=1)
     params = models.init_params(SPEC, jax.random.key(0))
     kwargs = dict(
-        model_fn=models.model_fn(SPEC), make_optimizer=adam_factory, num_steps=60, batch_size=32,
+        model_fn=models.model_fn(SPEC), make_optimizer=adam, num_steps=60, batch_size=32,
         eval_every=default_eval_every(60),
     )
     a = unroll(jnp.float32(3e-3), params, train, (val,), jax.random.key(0), **kwargs)
@@ -72,7 +73,7 @@ def test_unroll_rejects_a_horizon_that_is_not_a_multiple_of_eval_every():
     with pytest.raises(ValueError, match="multiple of eval_every"):
         unroll(
             jnp.float32(1e-3), models.init_params(SPEC, jax.random.key(0)), _toy_split(), (), jax.random.key(0),
-            model_fn=models.model_fn(SPEC), make_optimizer=adam_factory, num_steps=10, batch_size=4,
+            model_fn=models.model_fn(SPEC), make_optimizer=adam, num_steps=10, batch_size=4,
             eval_every=3,
         )
 

@@ -1,0 +1,104 @@
+"""Hand-designed baselines, each a learning-rate-parametrized optimizer factory with a grid.
+
+One implementation serves validation (the promotion gate) and the quality benchmark, so a
+baseline is tuned the same way wherever it is compared: every point of its log-spaced
+learning-rate grid runs with the same seeds and budget as the learned optimizer, the point
+with the lowest mean *validation* loss is kept (see :func:`lopt.evaluation.tune`).
+
+The learning rate is a traced argument of the factory, so a whole grid reuses one
+compilation. Schedule-free AdamW evaluates at its averaged iterate, as its authors intend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+from optax import contrib
+
+from lopt.training import EvalParamsFn, OptimizerFactory
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A baseline optimizer family indexed by its (peak) learning rate."""
+
+    name: str
+    make_optimizer: OptimizerFactory
+    learning_rates: tuple[float, ...]
+    eval_params: EvalParamsFn | None = None
+
+
+def log_grid(low: float, high: float, num: int) -> tuple[float, ...]:
+    """``num`` log-spaced values from ``low`` to ``high``, rounded to 3 significant digits."""
+    return tuple(float(f"{x:.3g}") for x in np.geomspace(low, high, num))
+
+
+def _extra_args(fn: Callable[[jax.Array, int], optax.GradientTransformation]) -> OptimizerFactory:
+    """Accepts (and ignores) ``value=`` and other extra args, whatever ``fn`` returns: the
+    inner-training loop passes the loss to every optimizer, as L3RS needs it."""
+
+    def factory(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        tx = fn(learning_rate, num_steps)
+
+        def update(updates, state, params=None, **extra_args):
+            del extra_args
+            return tx.update(updates, state, params)
+
+        return optax.GradientTransformationExtraArgs(tx.init, update)
+
+    factory.__name__ = fn.__name__
+    return factory
+
+
+@_extra_args
+def adam(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+    del num_steps
+    return optax.adam(learning_rate)
+
+
+@_extra_args
+def adam_cosine(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+
+
+@_extra_args
+def sgd_momentum(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+    del num_steps
+    return optax.sgd(learning_rate, momentum=0.9)
+
+
+@_extra_args
+def schedule_free_adamw(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+    return contrib.schedule_free_adamw(learning_rate, warmup_steps=max(1, num_steps // 20))
+
+
+@_extra_args
+def prodigy(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+    del num_steps
+    return contrib.prodigy(learning_rate)
+
+
+BASELINES: dict[str, Baseline] = {
+    b.name: b
+    for b in (
+        Baseline("adam", adam, log_grid(1e-4, 3e-2, 10)),
+        Baseline("adam_cosine", adam_cosine, log_grid(1e-4, 3e-2, 10)),
+        Baseline("sgd_momentum", sgd_momentum, log_grid(1e-3, 1.0, 10)),
+        Baseline(
+            "schedule_free_adamw", schedule_free_adamw, log_grid(1e-4, 3e-2, 10),
+            eval_params=contrib.schedule_free_eval_params,
+        ),
+        # Prodigy estimates its own step size; the grid scales it around 1.
+        Baseline("prodigy", prodigy, log_grid(0.03, 3.0, 10)),
+    )
+}
+
+
+def get_baseline(name: str) -> Baseline:
+    if name not in BASELINES:
+        raise ValueError(f"Unknown baseline {name!r}; choose from {sorted(BASELINES)}.")
+    return BASELINES[name]
