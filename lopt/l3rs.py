@@ -15,7 +15,8 @@ Design choices, and why:
   (sign(m), Lion-like). Keeping one copy of the moments keeps state bytes at Adam's.
 * **Each direction is normalized per layer to unit RMS** (``d̂``), so the mixing coefficients
   compare like with like and ``λ_l`` alone sets the step's size: the RMS of a layer's update
-  is at most ``λ_l``.
+  is at most ``λ_l``. The mixture is computed as scalar coefficients ``−λ_l μ_{p,l} / rms``
+  times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
 * **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
   ``λ_l = base_learning_rate · exp(o_0)`` and ``μ_{·,l} = softmax(o_1..o_P)``. Its inputs are
   a learned per-layer embedding; time features ``t/T`` and ``log T`` (so a longer horizon
@@ -307,33 +308,32 @@ class L3RS:
 
     def base_directions(
         self, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates, count: jax.Array
-    ) -> list[jax.Array]:
-        """Per layer, the ``[P, *shape]`` stack of unit-RMS base directions."""
+    ) -> list[list[jax.Array]]:
+        """Per layer, the P base directions, each scaled to unit RMS.
+
+        ``m``'s bias correction is left out: a constant factor cancels under normalization.
+        """
         c = self.config
-        mu_hat = optax.tree.bias_correction(mu, c.b1, count)
         nu_hat = optax.tree.bias_correction(nu, c.b2, count)
 
-        def per_layer(g, m, m_hat, v_hat):
+        def per_layer(g, m, v_hat):
             g = g.astype(jnp.float32)
-            denom = jnp.sqrt(v_hat + _SQRT_FLOOR) + c.eps
+            inverse_denom = 1.0 / (jnp.sqrt(v_hat + _SQRT_FLOOR) + c.eps)
             candidates = {
-                "adam": lambda: m_hat / denom,
+                "adam": lambda: m * inverse_denom,
                 "momentum": lambda: m,
                 "gradient": lambda: g,
-                "rmsprop": lambda: g / denom,
+                "rmsprop": lambda: g * inverse_denom,
                 "sign_momentum": lambda: jnp.sign(m),
             }
-            stack = jnp.stack([candidates[name]() for name in c.directions])
-            axes = tuple(range(1, stack.ndim))
-            rms = jnp.sqrt(jnp.mean(jnp.square(stack), axis=axes, keepdims=True) + _SQRT_FLOOR)
-            return stack / (rms + 1e-12)
+            directions = [candidates[name]() for name in c.directions]
+            # One reduction per direction, not one over a stacked [P, *shape] copy: XLA then
+            # fuses each into a single pass and the final mixture into one element-wise kernel.
+            return [d / (jnp.sqrt(jnp.mean(jnp.square(d)) + _SQRT_FLOOR) + 1e-12) for d in directions]
 
         return [
             per_layer(*leaves)
-            for leaves in zip(
-                jax.tree.leaves(grads), jax.tree.leaves(mu), jax.tree.leaves(mu_hat),
-                jax.tree.leaves(nu_hat),
-            )
+            for leaves in zip(jax.tree.leaves(grads), jax.tree.leaves(mu), jax.tree.leaves(nu_hat))
         ]
 
     def opt_fn(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
@@ -392,11 +392,10 @@ class L3RS:
             controls = self.controls_for_state(theta, new_state, num_steps)
             directions = self.base_directions(grads, mu, nu, count)
             leaves, treedef = jax.tree.flatten(grads)
+            # Σ_p (−λ_l μ_{p,l}) · d̂_{p,l}: scalar coefficients times element-wise directions.
+            coefficients = -controls.learning_rates[:, None] * controls.mixing_coefficients
             new_leaves = [
-                (
-                    -controls.learning_rates[i]
-                    * jnp.tensordot(controls.mixing_coefficients[i], directions[i], axes=1)
-                ).astype(g.dtype)
+                sum(coefficients[i, p] * d for p, d in enumerate(directions[i])).astype(g.dtype)
                 for i, g in enumerate(leaves)
             ]
             return jax.tree.unflatten(treedef, new_leaves), new_state
