@@ -75,9 +75,13 @@ class FinalValidationLoss:
             batch_size=self.batch_size,
             eval_every=self.horizon,
         )
-        log_loss = jnp.log(trajectory.eval_loss[0, -1])
-        # A diverged run (NaN/inf) counts as the worst allowed value, not as a NaN gradient.
-        return jnp.clip(jnp.nan_to_num(log_loss, nan=self.max_log_loss), max=self.max_log_loss)
+        return clipped_log(trajectory.eval_loss[0, -1], self.max_log_loss)
+
+
+def clipped_log(loss: jax.Array, max_log_loss: float) -> jax.Array:
+    """``log(loss)`` capped at ``max_log_loss``: a diverged run (NaN/inf) counts as the worst
+    allowed value, so one bad unroll cannot dominate or poison a meta-gradient."""
+    return jnp.clip(jnp.nan_to_num(jnp.log(loss), nan=max_log_loss), max=max_log_loss)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt.l3rs import L3RS, MetaParams
-from lopt.meta_training import Estimate
+from lopt.meta_training import Estimate, clipped_log
 from lopt.models import ModelSpec, Params, model_fn, with_fresh_head
 from lopt.tasks import TaskFamily
 from lopt.training import evaluate, make_train_step
@@ -72,8 +72,7 @@ class TruncatedBackprop:
         window_keys = jax.lax.dynamic_slice_in_dim(keys, start, self.truncation)
         (params, _), _ = jax.lax.scan(window_step, jax.lax.stop_gradient(carry), window_keys)
         loss, _ = evaluate(apply, params, val)
-        log_loss = jnp.nan_to_num(jnp.log(loss), nan=self.max_log_loss)
-        return jnp.clip(log_loss, max=self.max_log_loss)
+        return clipped_log(loss, self.max_log_loss)
 
     def _estimate_impl(self, theta: MetaParams, key: jax.Array) -> Estimate:
         def one(key):
