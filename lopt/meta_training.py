@@ -145,9 +145,13 @@ class AntitheticES:
 
 
 def _combine(results: list[tuple[MetaParams, jax.Array]]) -> Estimate:
-    grads = [g for g, _ in results]
-    values = jnp.stack([v for _, v in results])
-    gradient = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for g, _ in results])
+    return average_estimates(grads, jnp.stack([v for _, v in results]))
+
+
+def average_estimates(grads: MetaParams, values: jax.Array) -> Estimate:
+    """The mean of per-sample gradients (stacked on axis 0) and objective values ``[n]``."""
+    gradient = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     return Estimate(
         gradient=gradient,
         metrics={

@@ -19,10 +19,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lopt.l3rs import L3RS, MetaParams
-from lopt.meta_training import Estimate, clipped_log
+from lopt.meta_training import Estimate, average_estimates, clipped_log
 from lopt.models import ModelSpec, Params, model_fn, with_fresh_head
 from lopt.tasks import TaskFamily
 from lopt.training import evaluate, make_train_step
@@ -81,16 +80,7 @@ class TruncatedBackprop:
             grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
             return grad, value
 
-        grads, values = jax.lax.map(one, jax.random.split(key, self.num_tasks))
-        gradient = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        return Estimate(
-            gradient=gradient,
-            metrics={
-                "objective": jnp.mean(values),
-                "objective_std": jnp.std(values),
-                "gradient_norm": optax.tree.norm(gradient),
-            },
-        )
+        return average_estimates(*jax.lax.map(one, jax.random.split(key, self.num_tasks)))
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
         return self._estimate(theta, key)
