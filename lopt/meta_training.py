@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lopt.checkpointing import MetaTrainCheckpoints, MetaTrainState
 from lopt.l3rs import L3RS, MetaParams
-from lopt.models import ModelSpec, Params, model_fn, with_fresh_head
+from lopt.models import ModelSpec, Params, model_fn, starting_params
 from lopt.tasks import TaskFamily
 from lopt.training import unroll
 
@@ -48,6 +48,7 @@ class FinalValidationLoss:
     The key draws the task from the family (classes, transform), the fresh head's
     initialization and the minibatch order, so an antithetic pair evaluated with one key sees
     the same task instance, and the meta-objective is an expectation over the family.
+    ``start`` is where each run starts (:func:`lopt.models.starting_params`).
     """
 
     l3rs: L3RS
@@ -57,12 +58,13 @@ class FinalValidationLoss:
     horizon: int
     batch_size: int
     max_log_loss: float = 3.0
+    start: str = "pretrained"
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> jax.Array:
         task_key, head_key, data_key = jax.random.split(key, 3)
         train, val = self.family.sample(task_key)
         num_classes = self.family.num_classes
-        params = with_fresh_head(self.spec, self.pretrained, num_classes, head_key)
+        params = starting_params(self.spec, self.pretrained, num_classes, head_key, self.start)
         trajectory = unroll(
             theta,
             params,

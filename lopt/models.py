@@ -143,5 +143,27 @@ def with_fresh_head(spec: ModelSpec, params: Params, num_classes: int, key: jax.
     return {**params, "head": fresh["head"]}
 
 
+STARTS = ("pretrained", "scratch")
+"""Where a fine-tuning run starts; see :func:`starting_params`."""
+
+
+def starting_params(
+    spec: ModelSpec, pretrained: Params, num_classes: int, key: jax.Array, start: str = "pretrained"
+) -> Params:
+    """The parameters a meta-training unroll starts from.
+
+    ``pretrained``: the pretrained body with a fresh head (what the specialized optimizer is
+    for). ``scratch``: a whole freshly initialized model of the same architecture, so that an
+    optimizer meta-trained on it learns to train this architecture in general and never sees
+    the pretrained checkpoint (the *general* optimizer the specialization claim is tested
+    against).
+    """
+    if start == "pretrained":
+        return with_fresh_head(spec, pretrained, num_classes, key)
+    if start == "scratch":
+        return init_params(spec.with_num_classes(num_classes), key)
+    raise ValueError(f"Unknown start {start!r}; choose from {list(STARTS)}.")
+
+
 def num_parameters(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))

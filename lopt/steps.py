@@ -135,16 +135,23 @@ def _pretrain_and_register(name: str, config: RunConfig, tracking_uri: str | Non
         )
 
 
-def _estimator(
-    cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily, horizon: int
+def make_estimator(
+    cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily
 ) -> GradientEstimator:
-    """The configured gradient estimator for unrolls of ``horizon`` steps."""
-    if cfg.estimator == "tbptt":
-        return TruncatedBackprop(
-            l3rs, spec, pretrained, family, horizon, cfg.batch_size, cfg.truncation, cfg.num_tasks
+    """The configured gradient estimator, drawing each meta-step's horizon from the config."""
+
+    def for_horizon(horizon: int) -> GradientEstimator:
+        if cfg.estimator == "tbptt":
+            return TruncatedBackprop(
+                l3rs, spec, pretrained, family, horizon, cfg.batch_size, cfg.truncation,
+                cfg.num_tasks, start=cfg.start,
+            )
+        objective = FinalValidationLoss(
+            l3rs, spec, pretrained, family, horizon, cfg.batch_size, start=cfg.start
         )
-    objective = FinalValidationLoss(l3rs, spec, pretrained, family, horizon, cfg.batch_size)
-    return AntitheticES(objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma)
+        return AntitheticES(objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma)
+
+    return RandomHorizon({h: for_horizon(h) for h in cfg.horizons or (cfg.horizon,)})
 
 
 def meta_train_optimizer(
@@ -172,12 +179,7 @@ def meta_train_optimizer(
     # The layout is the fine-tuned model's: the pretrained body with a head for the task.
     head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
-    estimator = RandomHorizon(
-        {
-            horizon: _estimator(cfg, l3rs, spec, pretrained, family, horizon)
-            for horizon in (cfg.horizons or (cfg.horizon,))
-        }
-    )
+    estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     logger = registry.RunLogger(run_id, uri)
     # Same base model and config: a rerun after a kill resumes where the last run stopped.
@@ -206,6 +208,7 @@ def meta_train_optimizer(
         "family": family.spec.name,
         "horizons": list(cfg.horizons or (cfg.horizon,)),
         "estimator": cfg.estimator,
+        "start": cfg.start,
         "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(result.theta)),
     }
     logger.log_metrics({"meta/total_seconds": result.seconds})

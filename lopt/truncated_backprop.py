@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lopt.l3rs import L3RS, MetaParams
 from lopt.meta_training import Estimate, average_estimates, clipped_log
-from lopt.models import ModelSpec, Params, model_fn, with_fresh_head
+from lopt.models import ModelSpec, Params, model_fn, starting_params
 from lopt.tasks import TaskFamily
 from lopt.training import evaluate, make_train_step
 
@@ -44,6 +44,7 @@ class TruncatedBackprop:
     truncation: int = 20
     num_tasks: int = 4
     max_log_loss: float = 3.0
+    start: str = "pretrained"
 
     def __post_init__(self) -> None:
         if not 0 < self.truncation <= self.horizon:
@@ -57,7 +58,7 @@ class TruncatedBackprop:
         train, val = self.family.sample(task_key)
         num_classes = self.family.num_classes
         apply = model_fn(self.spec.with_num_classes(num_classes))
-        params = with_fresh_head(self.spec, self.pretrained, num_classes, head_key)
+        params = starting_params(self.spec, self.pretrained, num_classes, head_key, self.start)
         keys = jax.random.split(data_key, self.horizon)
         start = jax.random.randint(start_key, (), 0, self.horizon - self.truncation + 1)
 

@@ -33,6 +33,8 @@ def test_compile_writes_a_pipeline_with_four_uncached_steps(tmp_path):
         (["--budget", "huge"], "Unknown budget 'huge'"),
         (["--overrides", "{not json"], "not valid JSON"),
         (["--overrides", '{"meta_train": {"horizn": 5}}'], "horizn"),
+        (["--overrides", '{"meta_train": {"estimator": "pes"}}'], "Unknown estimator 'pes'"),
+        (["--overrides", '{"meta_train": {"start": "nowhere"}}'], "Unknown meta_train.start 'nowhere'"),
         (["--budget", "tiny", "--overrides", '{"validation": {"tasks": [{"dataset": "no_such_data"}]}}'], "no_such_data"),
     ],
 )

@@ -40,6 +40,19 @@ def test_fresh_head_replaces_only_the_head():
     assert logits.shape == (4, 7)
 
 
+def test_starting_params_from_the_checkpoint_or_from_scratch():
+    pretrained = models.init_params(SPEC, jax.random.key(0))
+    kept = models.starting_params(SPEC, pretrained, 5, jax.random.key(1), "pretrained")
+    np.testing.assert_array_equal(kept["Dense_0"]["kernel"], pretrained["Dense_0"]["kernel"])
+    scratch = models.starting_params(SPEC, pretrained, 5, jax.random.key(1), "scratch")
+    assert not np.allclose(scratch["Dense_0"]["kernel"], pretrained["Dense_0"]["kernel"])
+    # Same architecture and head either way, so one L3RS layout serves both.
+    assert jax.tree.map(jnp.shape, scratch) == jax.tree.map(jnp.shape, kept)
+    np.testing.assert_array_equal(scratch["head"]["kernel"], kept["head"]["kernel"])
+    with pytest.raises(ValueError, match="Unknown start 'finetuned'"):
+        models.starting_params(SPEC, pretrained, 5, jax.random.key(1), "finetuned")
+
+
 def test_model_spec_json_round_trip_and_errors():
     assert models.ModelSpec.from_json(SPEC.to_json()) == SPEC
     with pytest.raises(ValueError, match="Unknown architecture"):

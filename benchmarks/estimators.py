@@ -1,0 +1,174 @@
+"""Which gradient estimator buys more meta-validation progress per CPU-minute here.
+
+Issue #3 asks for a second estimator next to antithetic ES, chosen by what is better per
+CPU-minute on this machine. This benchmark gives every estimator the same wall-clock budget on
+the whole machine (ES spreads its pairs over one XLA device per core; truncated backprop runs
+one jitted program, which XLA's CPU backend threads over the cores itself) and measures, at
+points along the way, the meta-objective on a fixed meta-validation set:
+
+    meta-val loss = mean over N fixed task draws (classes, transform, head, minibatch order;
+                    keys never used by meta-training) of the task's validation loss after a
+                    full T-step fine-tuning unroll with θ.
+
+Both estimators start from the same θ (the untrained, Adam-like L3RS) and target the same
+thing, the final validation loss; truncated backprop sees it only through windows of
+``truncation`` steps (its bias), ES only through noisy random directions (its variance).
+Meta-training time excludes evaluation: training runs in chunks, resuming from an orbax
+checkpoint (``lopt.meta_training.meta_train``), and the clock is the one meta-training keeps.
+
+    .venv/bin/python benchmarks/estimators.py                       # 300 s per estimator
+    .venv/bin/python benchmarks/estimators.py --seconds 120 --eval-tasks 8
+
+Prints a table; writes ``benchmarks/results/estimators.json`` (every evaluation point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+if __name__ == "__main__":
+    # Before JAX starts: one host device per core, as `lopt run` and quality.py do.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
+        ).strip()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lopt import registry, steps  # noqa: E402
+from lopt.config import get_config  # noqa: E402
+from lopt.hub import load_pretrained  # noqa: E402
+from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
+from lopt.meta_training import FinalValidationLoss, meta_train  # noqa: E402
+from lopt.models import with_fresh_head  # noqa: E402
+from lopt.tasks import load_task_family  # noqa: E402
+
+# Estimator variants: config overrides of meta_train on top of the budget's config.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "es (8 pairs)": {"estimator": "es", "num_pairs": 8},
+    "tbptt (4 × 20 steps)": {"estimator": "tbptt", "truncation": 20, "num_tasks": 4},
+    "tbptt (2 × 50 steps)": {"estimator": "tbptt", "truncation": 50, "num_tasks": 2},
+}
+# Meta-steps per chunk between evaluations, per estimator (an ES step costs ~10× a tbptt step).
+CHUNK_STEPS = {"es": 10, "tbptt": 25}
+EVAL_SEED = 20_261_129  # meta-validation draws; meta-training keys come from the config seed
+
+
+def meta_validation(objective: FinalValidationLoss, theta: MetaParams, keys: jax.Array) -> float:
+    """Mean validation loss after a full unroll, over the fixed meta-validation draws."""
+    values = [objective(theta, k) for k in keys]  # queued asynchronously, then read once
+    return float(jnp.mean(jnp.exp(jnp.stack(values))))
+
+
+def run_variant(
+    name: str, overrides: dict[str, Any], args: argparse.Namespace, base_uri: str, keys: jax.Array
+) -> dict[str, Any]:
+    cfg = get_config(args.budget, {"meta_train": {"horizons": [], **overrides}}).meta_train
+    _, pretrained, info = load_pretrained(base_uri)
+    spec = info["spec"]
+    family = load_task_family(cfg.family, spec.input_shape)
+    head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
+    l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
+    estimator = steps.make_estimator(cfg, l3rs, spec, pretrained, family)
+    objective = jax.jit(FinalValidationLoss(l3rs, spec, pretrained, family, cfg.horizon, cfg.batch_size))
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    theta = l3rs.init(init_key)
+
+    points = [{"meta_steps": 0, "seconds": 0.0, "meta_val_loss": meta_validation(objective, theta, keys)}]
+    print(f"[{name}] untrained: meta-val loss {points[0]['meta_val_loss']:.4f}", flush=True)
+    chunk = CHUNK_STEPS[cfg.estimator]
+    done = 0
+    with tempfile.TemporaryDirectory() as checkpoints:
+        while points[-1]["seconds"] < args.seconds:
+            done += chunk
+            result = meta_train(
+                estimator, theta, num_steps=done, learning_rate=cfg.outer_learning_rate,
+                key=train_key, progress=False, checkpoint_dir=checkpoints, checkpoint_every=chunk,
+            )
+            loss = meta_validation(objective, result.theta, keys)
+            points.append({"meta_steps": done, "seconds": round(result.seconds, 2), "meta_val_loss": loss})
+            print(f"[{name}] {done:5d} meta-steps, {result.seconds:7.1f} s: meta-val loss {loss:.4f}", flush=True)
+    return {"overrides": overrides, "points": points}
+
+
+def at_seconds(points: Sequence[dict[str, Any]], seconds: float) -> float:
+    """The meta-val loss of the last evaluation no later than ``seconds`` of meta-training."""
+    return [p for p in points if p["seconds"] <= seconds][-1]["meta_val_loss"]
+
+
+def table(results: dict[str, dict[str, Any]], marks: Sequence[float]) -> str:
+    header = f"{'estimator':24s} {'steps':>6s} {'s/step':>7s} " + " ".join(
+        f"{f'@{m:.0f}s':>8s}" for m in marks
+    ) + f" {'best':>8s}"
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        pts = r["points"]
+        last = pts[-1]
+        per_step = last["seconds"] / max(last["meta_steps"], 1)
+        lines.append(
+            f"{name:24s} {last['meta_steps']:6d} {per_step:7.2f} "
+            + " ".join(f"{at_seconds(pts, m):8.4f}" for m in marks)
+            + f" {min(p['meta_val_loss'] for p in pts):8.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=300.0, help="meta-training seconds per estimator")
+    p.add_argument("--eval-tasks", type=int, default=16, help="meta-validation task draws")
+    p.add_argument("--budget", default="default", help="config budget the variants start from")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--home", type=Path, default=RESULTS / "home")
+    p.add_argument("--output", type=Path, default=RESULTS / "estimators.json")
+    args = p.parse_args(argv)
+    os.environ["LOPT_HOME"] = str(args.home.absolute())
+    jax.config.update("jax_compilation_cache_dir", str(RESULTS / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    base = steps.prepare_base_model("cnn-mnist", "default", "", "", "")
+    registry.end_run(base["run_id"], "FINISHED")
+    keys = jax.random.split(jax.random.key(EVAL_SEED), args.eval_tasks)
+    started = time.perf_counter()
+    results = {name: run_variant(name, VARIANTS[name], args, base["base_model_uri"], keys) for name in args.variants}
+    marks = [args.seconds * f for f in (0.25, 0.5, 1.0)]
+    text = table(results, marks)
+    print("\nmeta-val loss (lower is better) after the given meta-training seconds\n" + text, flush=True)
+    report = {
+        "benchmark": "estimators",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv if argv is None else list(argv),
+        "seconds_per_estimator": args.seconds,
+        "eval_tasks": args.eval_tasks,
+        "budget": args.budget,
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "table": text,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "untrained_meta_val_loss": statistics.mean(r["points"][0]["meta_val_loss"] for r in results.values()),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    # Losses are finite: the objective clips diverged runs (lopt.meta_training.clipped_log).
+    args.output.write_text(json.dumps(report, indent=1, allow_nan=False))
+    print(f"wrote {args.output}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
