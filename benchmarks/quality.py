@@ -87,7 +87,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from lopt import registry, steps  # noqa: E402
-from lopt.baselines import BASELINES, Baseline, log_grid  # noqa: E402
+from lopt.baselines import BASELINES, Baseline  # noqa: E402
 from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
 from lopt.evaluation import (  # noqa: E402
     RunResult,
@@ -327,13 +327,6 @@ class Cell:
         return min(chosen.values(), key=lambda r: r.test_loss) if chosen else None
 
 
-def grid_for(baseline: Baseline, size: int) -> tuple[float, ...]:
-    """``size`` log-spaced points over the baseline's own range: the same density for all."""
-    if size == len(baseline.learning_rates):
-        return baseline.learning_rates
-    low, high = baseline.learning_rates[0], baseline.learning_rates[-1]
-    return log_grid(low, high, size) if size > 1 else (float(f"{math.sqrt(low * high):.3g}"),)
-
 
 def run_cell(
     ctx: Context,
@@ -352,7 +345,7 @@ def run_cell(
         start = time.perf_counter()
         best, grid = tune(
             baseline, spec, pretrained, task, horizon, a.seeds, a.batch_size,
-            grid_for(baseline, a.grid_size), eval_points=a.baseline_eval_points,
+            baseline.grid(a.grid_size), eval_points=a.baseline_eval_points,
         )
         seconds[baseline.name] = round(time.perf_counter() - start, 2)
         grids[baseline.name], oracle[baseline.name] = grid, best
@@ -948,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "horizons": horizons,
             "seeds": args.seeds,
             "grid_size": args.grid_size,
-            "grids": {b.name: list(grid_for(b, args.grid_size)) for b in baselines},
+            "grids": {b.name: list(b.grid(args.grid_size)) for b in baselines},
             "eval_points": args.eval_points,
             "baseline_eval_points": args.baseline_eval_points,
             "batch_size": args.batch_size,

@@ -13,12 +13,17 @@ def prepare_base_model(
     tracking_uri: str,
     data_dir: str,
     pipeline_run: str,
-) -> NamedTuple("Outputs", [("base_model_uri", str), ("run_id", str)]):
+    if_stale: bool,
+) -> NamedTuple("Outputs", [("base_model_uri", str), ("run_id", str), ("retrain", bool), ("reason", str)]):
     """Resolves ``base_model@champion`` (pretraining and registering it when the registry has
-    no such model) and returns its version-pinned URI and the MLflow run id of this run."""
+    no such model); returns its version-pinned URI, the MLflow run id of this run, and
+    whether to meta-train (with ``if_stale``, only when the champion optimizer is stale)."""
     from collections import namedtuple
 
     from lopt import steps
 
-    result = steps.prepare_base_model(base_model, budget, overrides, tracking_uri, data_dir, pipeline_run)
-    return namedtuple("Outputs", ["base_model_uri", "run_id"])(result["base_model_uri"], result["run_id"])
+    result = steps.prepare_base_model(
+        base_model, budget, overrides, tracking_uri, data_dir, pipeline_run, if_stale
+    )
+    outputs = namedtuple("Outputs", ["base_model_uri", "run_id", "retrain", "reason"])
+    return outputs(result["base_model_uri"], result["run_id"], result["retrain"], result["reason"])

@@ -11,6 +11,9 @@ def register(
     run_id: str,
     tracking_uri: str,
     pipeline_run: str,
+    budget: str,
+    overrides: str,
+    data_dir: str,
     optimizer: Input[Model],
     report: Input[Artifact],
 ) -> str:
@@ -20,6 +23,7 @@ def register(
     from lopt import steps
 
     summary = steps.register_validated_optimizer(
-        base_model_uri, optimizer.path, report.path, run_id, tracking_uri, pipeline_run
+        base_model_uri, optimizer.path, report.path, run_id, tracking_uri, pipeline_run,
+        budget, overrides, data_dir,
     )
     return json.dumps(summary)

@@ -1,6 +1,6 @@
-"""Step 3: validate the optimizer against tuned Adam on held-out tasks and longer horizons."""
+"""Step 3: validate the optimizer against tuned baselines on the held-out suite; the gate."""
 
-from kfp.dsl import Artifact, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Input, Metrics, Model, Output
 
 from components.common import component
 
@@ -16,15 +16,21 @@ def validate(
     optimizer: Input[Model],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    html: Output[HTML],
 ):
     """Writes the validation report (JSON) and logs its headline numbers as KFP metrics."""
     from lopt import steps
 
     data = steps.validate_optimizer(
-        base_model_uri, optimizer.path, report.path, run_id, budget, overrides, tracking_uri, data_dir
+        base_model_uri, optimizer.path, report.path, run_id, budget, overrides, tracking_uri,
+        data_dir, html_path=html.path,
     )
+    if data.get("skipped"):
+        with open(html.path, "w") as f:
+            f.write(f"<p>{data['table']}</p>")
+        return
     metrics.log_metric("gate_passed", float(data["gate"]["passed"]))
-    for comparison in data["comparisons"]:
-        name = f"{comparison['task']}_T{comparison['horizon']}"
-        metrics.log_metric(f"{name}_l3rs_test_loss", comparison["learned"]["test_loss"])
-        metrics.log_metric(f"{name}_adam_test_loss", comparison["adam"]["test_loss"])
+    for row in data["rows"]:
+        name = f"{row['task']}_{row['checkpoint']}_T{row['horizon']}"
+        metrics.log_metric(f"{name}_l3rs_test_loss", row["learned"]["test_loss"])
+        metrics.log_metric(f"{name}_best_baseline_test_loss", row["target_test_loss"])

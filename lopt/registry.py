@@ -657,6 +657,46 @@ def set_alias(name: str, alias: str, version: int, tracking_uri: str | None = No
         raise _not_found(client, uri, ModelRef(name, version=int(version))) from None
 
 
+def set_version_tags(
+    name: str, version: int, tags: Mapping[str, Any], tracking_uri: str | None = None
+) -> None:
+    """Set (or overwrite) tags on one model version."""
+    client, uri = _client(tracking_uri)
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(int(version)), key, str(value))
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND_CODES:
+            raise
+        raise _not_found(client, uri, ModelRef(name, version=int(version))) from None
+
+
+@contextmanager
+def exclusive(name: str, tracking_uri: str | None = None) -> Iterator[None]:
+    """Serializes read-decide-write sequences on ``name`` (e.g. promotion) between processes.
+
+    For the embedded SQLite store this is an OS file lock next to the database, so two
+    ``lopt run``s on one machine cannot interleave their promotions. A remote tracking
+    server offers no lock; there the caller's compare-and-set leaves a window of one
+    registry round trip.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl  # POSIX only; the embedded store runs on the user's machine or a pod
+
+    database = Path(urllib.parse.urlparse(uri).path)
+    lock = database.with_name(f"{database.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def delete_alias(name: str, alias: str, tracking_uri: str | None = None) -> None:
     """Remove ``alias`` from ``name``; a no-op when the alias is not set. Raises
     :class:`RegistryError` when the model does not exist."""

@@ -10,17 +10,30 @@ registered optimizer's files), so one run in the MLflow UI tells the whole story
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from lopt import registry
 from lopt.config import MetaTrainConfig, RunConfig, get_config
 from lopt.data import load_dataset
-from lopt.evaluation import pretrain
-from lopt.hub import CHAMPION, load_pretrained, register_base_model, register_optimizer
+from lopt.evaluation import pretrain, trace_controls
+from lopt.hub import (
+    CHALLENGER,
+    CHAMPION,
+    fetch_files,
+    load_pretrained,
+    optimizer_name,
+    promote_optimizer,
+    register_base_model,
+    register_optimizer,
+)
+from lopt.hub import load_optimizer as load_registered_optimizer
 from lopt.l3rs import L3RS, LayerLayout
 from lopt.meta_training import (
     AntitheticES,
@@ -33,7 +46,8 @@ from lopt.models import ModelSpec, Params, with_fresh_head
 from lopt.serialization import load_optimizer, save_optimizer
 from lopt.tasks import TaskFamily, load_task, load_task_family
 from lopt.truncated_backprop import TruncatedBackprop
-from lopt.validation import validate
+from lopt.lineage import code_version, data_hash
+from lopt.validation import PRIMARY, Checkpoint, validate
 
 EXPERIMENT = "lopt"
 BASE_MODEL_EXPERIMENT = "lopt-base-models"
@@ -71,11 +85,15 @@ def prepare_base_model(
     tracking_uri: str = "",
     data_dir: str = "",
     pipeline_run: str = "",
-) -> dict[str, str]:
+    if_stale: bool = False,
+) -> dict[str, Any]:
     """Makes sure ``base_model@champion`` exists (pretraining and registering it if the
-    registry has no such model), and opens the pipeline run's MLflow run.
+    registry has no such model), decides whether to meta-train, and opens the pipeline run's
+    MLflow run.
 
-    Returns the base model's pinned URI (``models:/name/version``) and the MLflow run id.
+    Returns the base model's pinned URI (``models:/name/version``), the MLflow run id, and
+    ``retrain``/``reason``: always retrain unless ``if_stale``, then only when
+    :func:`retrain_decision` finds the champion optimizer stale.
     """
     config = check_inputs(budget, overrides, data_dir)
     uri = tracking_uri or None
@@ -92,6 +110,11 @@ def prepare_base_model(
             f"(MlflowClient().set_registered_model_alias({base_model!r}, {CHAMPION!r}, VERSION))."
         )
     base = registry.resolve(f"models:/{base_model}@{CHAMPION}", uri)
+    decision = (
+        retrain_decision(base_model, budget, overrides, tracking_uri, data_dir)
+        if if_stale else {"retrain": True, "reason": "retraining was not conditional (no --if-stale)"}
+    )
+    print(f"{'retrain' if decision['retrain'] else 'skip meta-training'}: {decision['reason']}")
     run_id = registry.start_run(
         EXPERIMENT,
         run_name=f"l3rs-{base_model}",
@@ -102,10 +125,17 @@ def prepare_base_model(
             "budget": config.budget,
             "config_hash": config.hash(),
             "pipeline_run": pipeline_run,
+            "retrain": str(decision["retrain"]).lower(),
+            "retrain_reason": decision["reason"],
         },
     )
     registry.log_params(run_id, {"config": config.dumps()[:6000], "budget": config.budget}, uri)
-    return {"base_model_uri": f"models:/{base.name}/{base.version}", "run_id": run_id}
+    return {
+        "base_model_uri": f"models:/{base.name}/{base.version}",
+        "run_id": run_id,
+        "retrain": bool(decision["retrain"]),
+        "reason": decision["reason"],
+    }
 
 
 def _pretrain_and_register(name: str, config: RunConfig, tracking_uri: str | None, data_dir: str | None) -> int:
@@ -164,15 +194,21 @@ def meta_train_optimizer(
     data_dir: str = "",
     progress: bool = True,
     checkpoint_dir: str = "",
+    retrain: bool = True,
+    reason: str = "",
 ) -> dict[str, Any]:
     """Meta-trains L3RS for the base model with antithetic ES; writes it to ``output_dir``.
 
     Checkpoints go to ``checkpoint_dir`` (default: under ``$LOPT_HOME/checkpoints``, named
-    after the base model version and the config hash).
+    after the base model version and the config hash). With ``retrain`` false (the champion
+    optimizer is up to date, see :func:`retrain_decision`), nothing is trained: the
+    champion's files go to ``output_dir`` with a ``skipped.json`` that tells the later steps.
     """
     config = _config(budget, overrides)
     cfg = config.meta_train
     uri = tracking_uri or None
+    if not retrain:
+        return _skip_meta_training(base_model_uri, output_dir, reason, uri)
     _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=uri)
     spec = info["spec"]
     family = load_task_family(cfg.family, spec.input_shape, _data_dir(data_dir))
@@ -222,6 +258,69 @@ def meta_train_optimizer(
     return summary
 
 
+SKIPPED = "skipped.json"
+
+
+def _skip_meta_training(base_model_uri: str, output_dir: str, reason: str, tracking_uri: str | None) -> dict[str, Any]:
+    base = registry.resolve(base_model_uri, tracking_uri)
+    champion = registry.resolve(f"models:/{optimizer_name(base.name)}@{CHAMPION}", tracking_uri)
+    out = fetch_files(champion.uri, output_dir, tracking_uri)
+    summary = {"skipped": True, "reason": reason, "champion": champion.uri}
+    (out / SKIPPED).write_text(json.dumps(summary))
+    print(f"meta-training skipped: {reason}")
+    return summary
+
+
+def _skipped(optimizer_dir: str) -> dict[str, Any] | None:
+    path = Path(optimizer_dir) / SKIPPED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def data_lineage(config: RunConfig, input_shape: tuple[int, ...], data_dir: str = "") -> list[dict[str, str]]:
+    """The datasets a run with ``config`` meta-trains and validates on, with TFDS versions and
+    content hashes: recorded on every optimizer version and compared by the staleness check."""
+    d = _data_dir(data_dir)
+    family = load_task_family(config.meta_train.family, input_shape, d)
+    records = [{"role": "meta-training", **family.lineage()}]
+    for spec in config.validation.tasks:
+        records.append({"role": "validation", **load_task(spec, input_shape, d).lineage()})
+    for spec in config.validation.reference_tasks:
+        records.append({"role": "reference", **load_task(spec, input_shape, d).lineage()})
+    return records
+
+
+def _extra_checkpoint(config: RunConfig, spec: ModelSpec, seed: int, data_dir: str | None) -> Params:
+    """Another pretrained checkpoint of the base model's architecture (pretraining seed)."""
+    cfg = config.pretrain
+    task = load_task(cfg.task, spec.input_shape, data_dir)
+    params, metrics = pretrain(
+        spec.with_num_classes(task.num_classes), task, cfg.steps, cfg.learning_rate, cfg.batch_size, seed
+    )
+    print(f"validate: checkpoint seed{seed} pretrained on {task.name}, test accuracy {metrics['test_accuracy']:.3f}")
+    return params
+
+
+def _current_champion(
+    base_model: str, layout: LayerLayout, tracking_uri: str | None
+) -> tuple[L3RS | None, Any, dict[str, Any]] | None:
+    """The champion optimizer of ``base_model`` to compare against, if there is one.
+
+    Returns ``(architecture, θ, info)``; architecture and θ are None (and ``info["note"]``
+    says why) when the champion cannot run on this model's layers.
+    """
+    name = optimizer_name(base_model)
+    if not registry.alias_exists(name, CHAMPION, tracking_uri):
+        return None
+    version = registry.resolve(f"models:/{name}@{CHAMPION}", tracking_uri)
+    l3rs, theta, _ = load_registered_optimizer(version.uri, tracking_uri)
+    info = {"name": name, "version": version.version, "uri": version.uri, "compared": True, "note": ""}
+    problems = l3rs.layout.differences(layout)
+    if problems:
+        info.update(compared=False, note="the champion was meta-trained for other layers: " + "; ".join(problems))
+        return None, None, info
+    return l3rs, theta, info
+
+
 def validate_optimizer(
     base_model_uri: str,
     optimizer_dir: str,
@@ -231,21 +330,89 @@ def validate_optimizer(
     overrides: str = "",
     tracking_uri: str = "",
     data_dir: str = "",
+    html_path: str = "",
 ) -> dict[str, Any]:
-    """Compares the optimizer in ``optimizer_dir`` with tuned Adam; writes the JSON report."""
+    """Runs the validation suite (:mod:`lopt.validation`) on the optimizer in
+    ``optimizer_dir``; writes the JSON report, logs its numbers to the MLflow run, and writes
+    the plots and HTML report (also to ``html_path`` when given) and logs them there too."""
     config = _config(budget, overrides)
     uri = tracking_uri or None
+    skipped = _skipped(optimizer_dir)
+    if skipped is not None:
+        data = {**skipped, "table": f"validation skipped: {skipped['reason']}"}
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(json.dumps(data, indent=1))
+        return data
     l3rs, theta, header = load_optimizer(Path(optimizer_dir))
     _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=uri)
+    spec = info["spec"]
+    checkpoints = [Checkpoint(PRIMARY, pretrained)] + [
+        Checkpoint(f"seed{seed}", _extra_checkpoint(config, spec, seed, _data_dir(data_dir)))
+        for seed in config.validation.checkpoint_seeds
+    ]
+    champion = _current_champion(info["name"], l3rs.layout, uri)
+    champion_arg = None
+    if champion is not None:
+        champion_l3rs, champion_theta, champion_info = champion
+        print(f"validate: comparing with the champion {champion_info['uri']}"
+              + (f" — not compared: {champion_info['note']}" if not champion_info["compared"] else ""))
+        if champion_l3rs is not None:
+            champion_arg = (champion_l3rs, champion_theta, champion_info)
     report = validate(
-        l3rs, theta, info["spec"], pretrained, config.validation, header["horizon"], _data_dir(data_dir)
+        l3rs, theta, spec, checkpoints, config.validation, header["horizon"], _data_dir(data_dir),
+        champion=champion_arg,
     )
+    data = _finite(report.to_json())
+    if champion is not None and champion_arg is None:
+        data["champion"] = champion[2]
     registry.log_metrics(run_id, report.metrics(), tracking_uri=uri)
-    data = {**report.to_json(), "table": report.table()}
+    held_out = load_task(config.validation.tasks[0], spec.input_shape, _data_dir(data_dir)) if config.validation.tasks else None
+    html = _plots(data, l3rs, theta, spec, pretrained, held_out, header["horizon"], config, run_id)
+    registry.log_artifacts(run_id, html.parent, "validation", tracking_uri=uri)
+    data["html_report"] = str(html)
+    if html_path:
+        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(html, html_path)
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps(data, indent=2))
+    Path(report_path).write_text(json.dumps(data, indent=1, allow_nan=False))
     print(report.table())
+    print(f"report: {html}")
     return data
+
+
+def _plots(
+    report: dict[str, Any], l3rs: L3RS, theta: Any, spec: ModelSpec, pretrained: Params,
+    task: Any, horizon: int, config: RunConfig, run_id: str,
+) -> Path:
+    """The validation plots and the HTML page gathering them, under
+    ``$LOPT_HOME/reports/<MLflow run id>/``; returns the page's path."""
+    from lopt import plots  # matplotlib: only this step needs it
+
+    out = registry.lopt_home() / "reports" / run_id
+    figures = {"Learning curves on the held-out tasks (mean test loss over seeds)": plots.learning_curves(report, out / "learning_curves.png")}
+    if task is not None:
+        controls = trace_controls(
+            l3rs, theta, spec, pretrained, task, horizon, config.validation.batch_size, config.validation.seeds[0]
+        )
+        layers = list(l3rs.layout.names)
+        figures[f"Mixing coefficients μ per layer on {task.name}, T={horizon}"] = plots.mixing_heatmaps(
+            np.asarray(controls.mixing_coefficients), layers, l3rs.config.directions, out / "mixing.png"
+        )
+        figures[f"Learning rates λ_l(t) per layer on {task.name}, T={horizon}"] = plots.learning_rate_curves(
+            np.asarray(controls.learning_rates), layers, out / "learning_rates.png"
+        )
+    return plots.write_html(report, figures, out / "index.html", f"L3RS validation — MLflow run {run_id}")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/NaN: a steps-to-target of inf (target met at step 0) becomes a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def register_validated_optimizer(
@@ -255,51 +422,134 @@ def register_validated_optimizer(
     run_id: str,
     tracking_uri: str = "",
     pipeline_run: str = "",
+    budget: str = "default",
+    overrides: str = "",
+    data_dir: str = "",
 ) -> dict[str, Any]:
-    """Registers the optimizer as ``l3rs-<base>@challenger`` (and ``@champion`` if the gate
-    passed), closes the pipeline's MLflow run, and returns a summary."""
+    """Registers the optimizer as ``l3rs-<base>@challenger`` with its lineage, promotes it to
+    ``@champion`` when the gate passed (the old champion becomes ``@previous``), closes the
+    pipeline's MLflow run, and returns a summary.
+
+    Promotion is compare-and-set: if another run moved ``@champion`` after this run's
+    validation compared against it, this version stays challenger and says so.
+    """
     uri = tracking_uri or None
+    config = _config(budget, overrides)
     report = json.loads(Path(report_path).read_text())
+    if report.get("skipped"):
+        registry.set_run_tags(run_id, {"skipped": "true"}, uri)
+        registry.end_run(run_id, "FINISHED", uri)
+        champion = registry.resolve(report["champion"], uri)
+        return {
+            "skipped": True, "reason": report["reason"], "optimizer": champion.name,
+            "version": champion.version, "aliases": list(champion.aliases),
+            "uri": f"models:/{champion.name}@{CHAMPION}", "base_model": base_model_uri,
+            "table": report["table"], "mlflow_run_id": run_id,
+            "tracking_uri": registry.resolve_tracking_uri(uri),
+        }
     l3rs, theta, header = load_optimizer(Path(optimizer_dir))
     base = registry.resolve(base_model_uri, uri)
     gate = report["gate"]
+    _, _, info = load_pretrained(base_model_uri, tracking_uri=uri)
+    datasets = data_lineage(config, info["input_shape"], data_dir)
+    lineage = {
+        "config_hash": header.get("config_hash", ""),
+        "code_version": code_version(),
+        "pipeline_run": pipeline_run,
+        "mlflow_run_id": run_id,
+        "datasets": json.dumps([{k: v for k, v in d.items()} for d in datasets], sort_keys=True),
+        "data_hash": data_hash(datasets),
+    }
+    compared = report.get("champion") or {}
+    expected_champion = compared.get("version")
+    meta = header.get("meta_training") or {}
     try:
-        name, version, aliases = register_optimizer(
-            base,
-            l3rs,
-            theta,
-            header["horizon"],
-            run_id=run_id,
-            promote=bool(gate["passed"]),
-            tags={
-                "gate_passed": str(gate["passed"]).lower(),
-                "gate_reason": gate["reason"],
-                "config_hash": header.get("config_hash", ""),
-                "pipeline_run": pipeline_run,
-                "mlflow_run_id": run_id,
-            },
+        name, version = register_optimizer(
+            base, l3rs, theta, header["horizon"], run_id=run_id,
+            tags={"gate_passed": str(gate["passed"]).lower(), "gate_reason": gate["reason"], **lineage},
             description=(
-                f"L3RS meta-trained for {base.name} v{base.version} "
-                f"(horizon {header['horizon']}). Gate: {gate['reason']}."
+                f"L3RS learned optimizer for {base.name} v{base.version}, meta-trained "
+                f"{meta.get('meta_steps', '?')} steps ({meta.get('estimator', 'es')}) at horizon "
+                f"{header['horizon']} on {meta.get('family', '?')}; config {lineage['config_hash']}, "
+                f"code {lineage['code_version']}. Validation gate: {gate['reason']}."
             ),
             report=report,
             tracking_uri=uri,
         )
+        promotion = (
+            promote_optimizer(name, version, expected_champion, tracking_uri=uri)
+            if gate["passed"] else {"promoted": False, "reason": "the validation gate did not pass"}
+        )
     except BaseException:
         registry.end_run(run_id, "FAILED", uri)
         raise
+    registry.set_run_tags(run_id, {"optimizer_version": version, "promoted": promotion["promoted"]}, uri)
     registry.end_run(run_id, "FINISHED", uri)
+    aliases = [CHALLENGER] + ([CHAMPION] if promotion["promoted"] else [])
     return {
         "optimizer": name,
         "version": version,
-        "aliases": list(aliases),
+        "aliases": aliases,
         "uri": f"models:/{name}@{aliases[-1]}",
         "base_model": f"{base.name}/{base.version}",
         "gate": gate,
+        "promotion": promotion,
         "table": report["table"],
         "mlflow_run_id": run_id,
         "tracking_uri": registry.resolve_tracking_uri(uri),
+        "html_report": report.get("html_report"),
+        "skipped": False,
     }
+
+
+def retrain_decision(
+    base_model: str = "cnn-mnist",
+    budget: str = "default",
+    overrides: str = "",
+    tracking_uri: str = "",
+    data_dir: str = "",
+) -> dict[str, Any]:
+    """Whether the base model's champion optimizer is stale, and why.
+
+    Fresh when ``l3rs-<base>@champion`` was meta-trained for the base model's current
+    ``@champion`` version, with this config (hash) and the same data (content hashes).
+    Anything else, including no champion optimizer at all, means retraining is due.
+    """
+    uri = tracking_uri or None
+    config = _config(budget, overrides)
+    name = optimizer_name(base_model)
+    decision = {"retrain": True, "base_model": base_model, "optimizer": name, "config_hash": config.hash()}
+    if not registry.alias_exists(base_model, CHAMPION, uri):
+        return {**decision, "reason": f"no {base_model}@{CHAMPION} in the registry yet"}
+    base = registry.resolve(f"models:/{base_model}@{CHAMPION}", uri)
+    decision["base_model_version"] = base.version
+    if not registry.alias_exists(name, CHAMPION, uri):
+        return {**decision, "reason": f"{name} has no {CHAMPION} yet"}
+    champion = registry.resolve(f"models:/{name}@{CHAMPION}", uri)
+    tags = champion.tags
+    decision["champion"] = champion.uri
+    trained_for = tags.get("base_model_version")
+    if trained_for != str(base.version):
+        return {**decision, "reason": (
+            f"{base_model}@{CHAMPION} moved: the champion optimizer (v{champion.version}) was "
+            f"trained for v{trained_for}, the base model's champion is now v{base.version}"
+        )}
+    if tags.get("config_hash") != config.hash():
+        return {**decision, "reason": (
+            f"the config changed: champion v{champion.version} has config {tags.get('config_hash')}, "
+            f"this run's is {config.hash()}"
+        )}
+    _, _, info = load_pretrained(base.uri, tracking_uri=uri)
+    current = data_hash(data_lineage(config, info["input_shape"], data_dir))
+    if tags.get("data_hash") != current:
+        return {**decision, "reason": (
+            f"the data changed: champion v{champion.version} has data hash {tags.get('data_hash')}, "
+            f"the datasets now hash to {current}"
+        )}
+    return {**decision, "retrain": False, "reason": (
+        f"{name} v{champion.version} is up to date: trained for {base_model} v{base.version} "
+        "with the same config and data"
+    )}
 
 
 def run_all(
@@ -316,4 +566,7 @@ def run_all(
     optimizer_dir, report_path = str(work / "optimizer"), str(work / "report.json")
     meta_train_optimizer(base["base_model_uri"], optimizer_dir, base["run_id"], budget, overrides, tracking_uri, data_dir)
     validate_optimizer(base["base_model_uri"], optimizer_dir, report_path, base["run_id"], budget, overrides, tracking_uri, data_dir)
-    return register_validated_optimizer(base["base_model_uri"], optimizer_dir, report_path, base["run_id"], tracking_uri)
+    return register_validated_optimizer(
+        base["base_model_uri"], optimizer_dir, report_path, base["run_id"], tracking_uri, "",
+        budget, overrides, data_dir,
+    )

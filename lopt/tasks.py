@@ -67,10 +67,15 @@ class Task:
     val: Split
     test: Split
     content_hash: str
+    version: str = ""
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def lineage(self) -> dict[str, str]:
+        """What data this is, for an optimizer version's lineage."""
+        return {"name": self.name, "tfds_version": self.version, "content_hash": self.content_hash}
 
 
 def _to_split(dataset: ImageDataset) -> Split:
@@ -108,6 +113,7 @@ def load_task(
         val=_to_split(val),
         test=_to_split(test),
         content_hash=full_train.content_hash() + test.content_hash(),
+        version=full_train.version,
     )
 
 
@@ -155,6 +161,11 @@ class TaskFamily:
     train: jax.Array
     val: jax.Array
     content_hash: str
+    version: str = ""
+
+    def lineage(self) -> dict[str, str]:
+        """What data this is, for an optimizer version's lineage."""
+        return {"name": self.spec.name, "tfds_version": self.version, "content_hash": self.content_hash}
 
     @property
     def num_classes(self) -> int:
@@ -205,4 +216,4 @@ def load_task_family(
             f"{spec.classes_per_task}."
         )
     val, train = data.split(spec.val_fraction, seed=split_seed)
-    return TaskFamily(spec, _per_class(train), _per_class(val), data.content_hash())
+    return TaskFamily(spec, _per_class(train), _per_class(val), data.content_hash(), data.version)

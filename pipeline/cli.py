@@ -1,8 +1,12 @@
-"""The ``lopt`` command line: run the pipeline locally, or compile it for a cluster.
+"""The ``lopt`` command line: run the pipeline locally, compile it, check staleness, fetch
+the optimizer and fine-tune with it.
 
 ``lopt run`` executes the Kubeflow pipeline with ``kfp.local.SubprocessRunner(use_venv=False)``
 against the embedded MLflow store under ``$LOPT_HOME`` (or ``$MLFLOW_TRACKING_URI``): the
 same components a cluster runs, in subprocesses of this interpreter, offline.
+
+Exit codes: 0 success; 2 bad input (the message says what to do); ``retrain-check`` exits 1
+when retraining is due, for cron and CI.
 """
 
 from __future__ import annotations
@@ -54,8 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lopt.steps import check_inputs
     from pipeline.pipeline import l3rs_pipeline
 
+    from lopt.config import with_suite
+
+    overrides = with_suite(args.overrides, args.suite)
     # Bad budget, override or dataset name: a clear error now, not a failed step later.
-    check_inputs(args.budget, args.overrides, str(default_data_dir()))
+    check_inputs(args.budget, overrides, str(default_data_dir()))
     tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
@@ -65,9 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = l3rs_pipeline(
         base_model=args.base_model,
         budget=args.budget,
-        overrides=args.overrides,
+        overrides=overrides,
         tracking_uri=tracking_uri,
         data_dir=str(default_data_dir()),
+        if_stale=args.if_stale,
     )
     summary = json.loads(task.output)
     print(_summary(summary, time.perf_counter() - start, home))
@@ -76,35 +84,174 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _summary(summary: dict, seconds: float, home: Path) -> str:
     aliases = ", ".join(summary["aliases"])
-    lines = [
+    head = [
         "",
         f"lopt run finished in {seconds / 60:.1f} min",
-        f"registered {summary['optimizer']} version {summary['version']} (aliases: {aliases})",
-        f"  for base model {summary['base_model']}; MLflow run {summary['mlflow_run_id']}",
-        f"  tracking URI {summary['tracking_uri']}",
-        "",
-        "validation (test loss after fine-tuning; Adam's learning rate tuned per task and horizon;",
-        "ratio = Adam loss / L3RS loss, > 1 means the learned optimizer wins):",
-        summary["table"],
+    ]
+    if summary.get("skipped"):
+        head += [
+            f"meta-training skipped: {summary['reason']}",
+            f"{summary['optimizer']} version {summary['version']} stays current (aliases: {aliases})",
+        ]
+    else:
+        head += [
+            f"registered {summary['optimizer']} version {summary['version']} (aliases: {aliases})",
+            f"  for base model {summary['base_model']}; MLflow run {summary['mlflow_run_id']}",
+            f"  promotion: {summary['promotion']['reason']}",
+            "",
+            "validation (test loss after fine-tuning; each baseline's learning rate tuned on the",
+            "task's validation split; ratio = best baseline loss / L3RS loss, > 1: L3RS wins;",
+            "steps-to-target = T / the step at which L3RS reaches the best baseline's final loss):",
+            summary["table"],
+        ]
+    report = summary.get("html_report")
+    return "\n".join(head + [
         "",
         f"fetch it: lopt.fetch_optimizer(\"{summary['uri']}\", num_steps=T)",
+        f"          lopt fetch {summary['uri']} --out DIR",
+        *([f"report:   {report}"] if report else []),
         f"browse:   mlflow ui --backend-store-uri {summary['tracking_uri']}",
         f"outputs:  {home}",
+    ])
+
+
+def cmd_retrain_check(args: argparse.Namespace) -> int:
+    _home(args.home)
+    from lopt import registry
+    from lopt.config import with_suite
+    from lopt.data import default_data_dir
+    from lopt.steps import retrain_decision
+
+    decision = retrain_decision(
+        args.base_model, args.budget, with_suite(args.overrides, args.suite),
+        registry.resolve_tracking_uri(args.tracking_uri), str(default_data_dir()),
+    )
+    print(("retrain: " if decision["retrain"] else "up to date: ") + decision["reason"])
+    if args.json:
+        print(json.dumps(decision, indent=1))
+    return 1 if decision["retrain"] else 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    _home(args.home)
+    from lopt import registry
+    from lopt.hub import fetch_files
+
+    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
+    version = registry.resolve(args.uri, tracking_uri)
+    out = fetch_files(version.uri, args.out, tracking_uri)
+    print(f"{version.uri} ({args.uri}) -> {out}")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(out)}  {path.stat().st_size} bytes")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    _home(args.home)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from lopt import registry
+    from lopt.baselines import get_baseline
+    from lopt.data import default_data_dir
+    from lopt.finetune import finetune, tuned_adam
+    from lopt.hub import fetch_optimizer, load_pretrained
+    from lopt.tasks import TaskSpec, load_task
+
+    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
+    optimizer_version = registry.resolve(args.optimizer, tracking_uri)
+    base_uri = args.base_model or _base_model_of(optimizer_version)
+    classes = tuple(int(c) for c in args.classes.split(",")) if args.classes else None
+    _, _, info = load_pretrained(base_uri, tracking_uri=tracking_uri)
+    task = load_task(TaskSpec(args.dataset, classes), info["input_shape"], default_data_dir())
+    model_fn, params, info = load_pretrained(
+        base_uri, num_classes=task.num_classes, rng=args.seed, tracking_uri=tracking_uri
+    )
+    optimizer = fetch_optimizer(optimizer_version.uri, num_steps=args.steps, tracking_uri=tracking_uri)
+    curves = [
+        finetune(model_fn, params, optimizer, task, args.steps, batch_size=args.batch_size,
+                 seed=args.seed, name="l3rs")[1]
     ]
-    return "\n".join(lines)
+    if args.compare == "adam":
+        grid = get_baseline("adam").grid(args.grid_size)
+        curves.append(tuned_adam(model_fn, params, task, args.steps, grid,
+                                 batch_size=args.batch_size, seed=args.seed))
+    with registry.run_logger(
+        "lopt-finetune", run_name=f"finetune-{task.name}", tracking_uri=tracking_uri,
+        params={"dataset": task.name, "steps": args.steps, "optimizer": optimizer_version.uri,
+                "base_model": info["uri"], "seed": args.seed, "batch_size": args.batch_size},
+    ) as run:
+        for curve in curves:
+            for i, step in enumerate(curve.steps):
+                run.log_metrics({f"{curve.name}/val_loss": curve.val_loss[i],
+                                 f"{curve.name}/test_loss": curve.test_loss[i],
+                                 f"{curve.name}/test_accuracy": curve.test_accuracy[i]}, step)
+        run_id = run.run_id
+    print(f"fine-tuned {info['uri']} on {task.name} for {args.steps} steps with {optimizer_version.uri}")
+    names = [c.name + (f" (lr {c.learning_rate:g})" if c.learning_rate else "") for c in curves]
+    print(f"{'step':>6} " + " ".join(f"{n + ' test loss':>24} {'acc':>6}" for n in names))
+    for i, step in enumerate(curves[0].steps):
+        print(f"{step:>6} " + " ".join(f"{c.test_loss[i]:>24.4f} {c.test_accuracy[i]:>6.3f}" for c in curves))
+    print(f"MLflow run {run_id} (experiment lopt-finetune) at {tracking_uri}")
+    return 0
+
+
+def _base_model_of(optimizer_version) -> str:
+    """The base model version an optimizer version was meta-trained for (its lineage tags)."""
+    tags = optimizer_version.tags
+    if "base_model" not in tags or "base_model_version" not in tags:
+        raise ValueError(
+            f"{optimizer_version.uri} has no base_model lineage tags; pass --base-model URI."
+        )
+    return f"models:/{tags['base_model']}/{tags['base_model_version']}"
+
+
+HOME_HELP = "LOPT_HOME: where the store, data and outputs go (default: $LOPT_HOME or .lopt)"
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded SQLite store)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lopt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lopt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline locally (kfp.local) against the embedded MLflow")
     run.add_argument("--base-model", default="cnn-mnist", help="registered base model name (default: %(default)s)")
     run.add_argument("--budget", default="default", help="config budget: tiny, default or full (default: %(default)s)")
     run.add_argument("--overrides", default="", help='JSON overrides, e.g. \'{"meta_train": {"meta_steps": 10}}\'')
-    run.add_argument("--home", default=None, help="LOPT_HOME: where the store, data and outputs go (default: $LOPT_HOME or .lopt)")
-    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded SQLite store)")
+    run.add_argument("--home", default=None, help=HOME_HELP)
+    run.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    run.add_argument("--suite", default="default", help="validation suite: default (fits make run) or full (every baseline, 10-point grids)")
+    run.add_argument("--if-stale", action="store_true", help="skip meta-training when the champion optimizer is up to date (see retrain-check)")
     run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("retrain-check", help="say whether the champion optimizer is stale; exit 1 when retraining is due")
+    check.add_argument("--base-model", default="cnn-mnist", help="registered base model name (default: %(default)s)")
+    check.add_argument("--budget", default="default", help="the config the next run would use (default: %(default)s)")
+    check.add_argument("--overrides", default="", help="JSON config overrides the next run would use")
+    check.add_argument("--suite", default="default", help="validation suite the next run would use")
+    check.add_argument("--json", action="store_true", help="also print the decision as JSON")
+    check.add_argument("--home", default=None, help=HOME_HELP)
+    check.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    check.set_defaults(func=cmd_retrain_check)
+
+    fetch = sub.add_parser("fetch", help="write a registered optimizer's files (JSON + msgpack) to a folder")
+    fetch.add_argument("uri", help="e.g. models:/l3rs-cnn-mnist@champion")
+    fetch.add_argument("--out", required=True, help="output folder")
+    fetch.add_argument("--home", default=None, help=HOME_HELP)
+    fetch.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    fetch.set_defaults(func=cmd_fetch)
+
+    tune = sub.add_parser("finetune", help="fine-tune the registered base model with a registered optimizer")
+    tune.add_argument("--dataset", required=True, help="TFDS dataset name, e.g. sklearn_digits")
+    tune.add_argument("--classes", default="", help="comma-separated class subset, e.g. 5,6,7,8,9")
+    tune.add_argument("--optimizer", required=True, help="e.g. models:/l3rs-cnn-mnist@champion")
+    tune.add_argument("--steps", type=int, required=True, help="fine-tuning steps (the horizon T)")
+    tune.add_argument("--base-model", default=None, help="base model URI (default: the one the optimizer was meta-trained for)")
+    tune.add_argument("--compare", choices=["adam"], default=None, help="also run Adam, its learning rate tuned on the validation split")
+    tune.add_argument("--grid-size", type=int, default=6, help="Adam learning-rate grid points for --compare (default: %(default)s)")
+    tune.add_argument("--batch-size", type=int, default=64)
+    tune.add_argument("--seed", type=int, default=0, help="draws the fresh head and the minibatch order")
+    tune.add_argument("--home", default=None, help=HOME_HELP)
+    tune.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    tune.set_defaults(func=cmd_finetune)
 
     comp = sub.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     comp.add_argument("-o", "--output", default="lopt-pipeline.yaml", help="output file (default: %(default)s)")

@@ -17,7 +17,8 @@ PIPELINE_NAME = "lopt-l3rs"
     name=PIPELINE_NAME,
     description=(
         "Meta-train an L3RS learned optimizer specialized to a registered pretrained model, "
-        "validate it against tuned Adam, and register it in MLflow as l3rs-<base-model>."
+        "validate it against tuned baselines on held-out tasks, and register it in MLflow as "
+        "l3rs-<base-model> (champion only when it passes the gate)."
     ),
 )
 def l3rs_pipeline(
@@ -26,13 +27,18 @@ def l3rs_pipeline(
     overrides: str = "",
     tracking_uri: str = "",
     data_dir: str = "",
+    if_stale: bool = False,
 ) -> str:
     common = dict(budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir)
     base = prepare_base_model(
-        base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **common
+        base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, if_stale=if_stale,
+        **common,
     )
+    # Skipping is data flow, not dsl.If: the later steps see a "skipped" optimizer and pass
+    # the champion through, which runs the same on kfp.local and on a cluster.
     trained = meta_train(
-        base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"], **common
+        base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"],
+        retrain=base.outputs["retrain"], reason=base.outputs["reason"], **common,
     )
     validated = validate(
         base_model_uri=base.outputs["base_model_uri"],
@@ -43,8 +49,8 @@ def l3rs_pipeline(
     registered = register(
         base_model_uri=base.outputs["base_model_uri"],
         run_id=base.outputs["run_id"],
-        tracking_uri=tracking_uri,
         pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        **common,
         optimizer=trained.outputs["optimizer"],
         report=validated.outputs["report"],
     )

@@ -207,7 +207,7 @@ def test_quick_preset_and_explicit_options():
 
 def test_grids_keep_each_baselines_range_at_the_same_density():
     for baseline in quality.BASELINES.values():
-        assert quality.grid_for(baseline, 10) == baseline.learning_rates
-        small = quality.grid_for(baseline, 3)
+        assert baseline.grid(10) == baseline.learning_rates
+        small = baseline.grid(3)
         assert len(small) == 3
         assert small[0] == baseline.learning_rates[0] and small[-1] == baseline.learning_rates[-1]

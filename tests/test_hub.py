@@ -10,7 +10,7 @@ import pytest
 
 import lopt
 from lopt import registry
-from lopt.hub import register_base_model, register_optimizer
+from lopt.hub import promote_optimizer, register_base_model, register_optimizer
 from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
 from lopt.models import ModelSpec, init_params, with_fresh_head
 
@@ -35,11 +35,13 @@ def store(tmp_path_factory):
         l3rs = L3RS(L3RSConfig(), layout)
         theta = l3rs.init(jax.random.key(1))
         for promote in (True, False):
-            register_optimizer(
-                base, l3rs, theta, horizon=30, run_id=registry.start_run("test", tracking_uri=uri), promote=promote,
+            name, version = register_optimizer(
+                base, l3rs, theta, horizon=30, run_id=registry.start_run("test", tracking_uri=uri),
                 tags={"gate_passed": str(promote).lower()}, description="test optimizer",
                 report={"gate": {"passed": promote}}, tracking_uri=uri,
             )
+            if promote:
+                assert promote_optimizer(name, version, None, tracking_uri=uri)["promoted"]
         yield {"uri": uri, "params": params, "theta": theta, "l3rs": l3rs}
 
 

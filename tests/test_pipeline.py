@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,9 +68,23 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     assert optimizer.tags["base_model"] == "cnn-mnist"
     assert optimizer.tags["base_model_version"] == str(base.version)
     assert ("champion" in optimizer.aliases) == (optimizer.tags["gate_passed"] == "true")
+    # Lineage: datasets with TFDS versions and content hashes, config, code, pipeline run.
+    datasets = json.loads(optimizer.tags["datasets"])
+    assert {d["role"] for d in datasets} == {"meta-training", "validation"}
+    assert all(d["tfds_version"] and d["content_hash"] for d in datasets)
+    assert optimizer.tags["config_hash"] and optimizer.tags["data_hash"]
+    assert optimizer.tags["code_version"].startswith(("git:", "lopt=="))
+    assert optimizer.tags["pipeline_run"] and "Validation gate" in optimizer.description
     report = json.loads((registry.download(optimizer.uri, uri) / "validation_report.json").read_text())
-    horizons = {c["horizon"] for c in report["comparisons"]}
+    horizons = {r["horizon"] for r in report["rows"]}
     assert horizons == {report["meta_horizon"], 2 * report["meta_horizon"]}
+    assert {r["checkpoint"] for r in report["rows"]} == {"base"}
+    assert all(len(r["learned"]["test_loss_per_seed"]) == 1 for r in report["rows"])
+    # The plots and the HTML page gathering them, in the run's output folder and in MLflow.
+    page = Path(report["html_report"])
+    assert page.is_file() and page.parent.parent == home / "reports"
+    assert {p.name for p in page.parent.iterdir()} >= {"learning_curves.png", "mixing.png", "learning_rates.png"}
+    assert "data:image/png;base64," in page.read_text()
 
     # The contract of DESIGN.md §2, end to end.
     model_fn, params, info = lopt.load_pretrained("models:/cnn-mnist@champion", num_classes=10, tracking_uri=uri)
@@ -89,3 +104,30 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "meta/objective")) == 2
     assert "val/gate_passed" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} >= {
+        "validation/index.html", "validation/mixing.png"
+    }
+
+    # Nothing changed since: with --if-stale the next run skips meta-training, and
+    # retrain-check agrees; a changed config makes retraining due (exit code 1).
+    assert optimizer.tags["gate_passed"] == "true", "the tiny budget's gate is expected to pass"
+    assert cli.main(["retrain-check", "--budget", "tiny", "--home", str(home)]) == 0
+    assert cli.main(["run", "--budget", "tiny", "--home", str(home), "--if-stale"]) == 0
+    assert "meta-training skipped" in capsys.readouterr().out
+    assert registry.resolve("models:/l3rs-cnn-mnist@champion", uri).version == optimizer.version
+    overrides = '{"meta_train": {"meta_steps": 3}}'
+    assert cli.main(["retrain-check", "--budget", "tiny", "--overrides", overrides, "--home", str(home)]) == 1
+    assert "the config changed" in capsys.readouterr().out
+
+    # Consumers outside Python get plain files; a downstream job fine-tunes with the optimizer.
+    out = tmp_path / "fetched"
+    assert cli.main(["fetch", "models:/l3rs-cnn-mnist@champion", "--out", str(out), "--home", str(home)]) == 0
+    assert json.loads((out / "optimizer.json").read_text())["horizon"] == report["meta_horizon"]
+    assert (out / "meta_params.msgpack").stat().st_size > 0
+    args = ["finetune", "--dataset", "sklearn_digits", "--optimizer", "models:/l3rs-cnn-mnist@champion",
+            "--steps", "20", "--compare", "adam", "--grid-size", "2", "--home", str(home)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "l3rs test loss" in printed and "adam (lr" in printed
+    finetune_runs = client.search_runs([client.get_experiment_by_name("lopt-finetune").experiment_id])
+    assert len(client.get_metric_history(finetune_runs[0].info.run_id, "l3rs/test_loss")) == 11

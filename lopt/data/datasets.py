@@ -65,12 +65,14 @@ class ImageDataset:
       images: float32 ``[N, H, W, C]`` in [0, 1]; read-only.
       labels: int32 ``[N]`` in ``[0, num_classes)``; read-only.
       num_classes: the number of classes of the task (some may have no example here).
+      version: the TFDS version of the dataset it was read from (for lineage).
     """
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
+    version: str = ""
 
     def __post_init__(self) -> None:
         images = _read_only_view(np.asarray(self.images, dtype=np.float32))
@@ -113,6 +115,7 @@ class ImageDataset:
             images=self.images[keep],
             labels=new_label[self.labels[keep]],
             num_classes=len(classes),
+            version=self.version,
         )
 
     def resized(self, height: int, width: int) -> ImageDataset:
@@ -199,6 +202,7 @@ def _load(name: str, split: str, data_dir: str) -> ImageDataset:
         images=_to_unit_float(images, name),
         labels=labels,
         num_classes=_num_classes(builder),
+        version=str(builder.version),
     )
 
 
