@@ -40,11 +40,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 if __name__ == "__main__":
     # Before JAX starts: one host device per core, as `lopt run` and quality.py do.
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
-        ).strip()
+    from lopt.host import use_all_cores
+
+    use_all_cores()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import jax  # noqa: E402

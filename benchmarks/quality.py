@@ -76,11 +76,9 @@ if __name__ == "__main__":
     # over every core (lopt.meta_training shards pairs over the local devices); an XLA_FLAGS
     # that sets the device count already wins. Evaluation runs on the first device, one run
     # after another (vmapping CNN runs is no faster on CPU, DESIGN.md §3).
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
-        ).strip()
+    from lopt.host import use_all_cores
+
+    use_all_cores()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import jax  # noqa: E402

@@ -221,16 +221,21 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_overrides(overrides: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
+    """Overrides given as a mapping or a JSON string (empty: none)."""
+    if not isinstance(overrides, str):
+        return overrides or {}
+    try:
+        return json.loads(overrides) if overrides.strip() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
+
+
 def with_suite(overrides: Mapping[str, Any] | str | None, suite: str) -> str:
     """``overrides`` (JSON or mapping) with validation suite ``suite`` applied under them."""
     if suite not in SUITES:
         raise ValueError(f"Unknown validation suite {suite!r}; choose one of {sorted(SUITES)}.")
-    if isinstance(overrides, str):
-        try:
-            overrides = json.loads(overrides) if overrides.strip() else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
-    merged = merge_overrides({"validation": SUITES[suite]} if SUITES[suite] else {}, overrides or {})
+    merged = merge_overrides({"validation": SUITES[suite]} if SUITES[suite] else {}, parse_overrides(overrides))
     return json.dumps(merged, sort_keys=True) if merged else ""
 
 
@@ -238,11 +243,6 @@ def get_config(budget: str = "default", overrides: Mapping[str, Any] | str | Non
     """The named budget's config with ``overrides`` (a mapping or a JSON string) applied."""
     if budget not in BUDGETS:
         raise ValueError(f"Unknown budget {budget!r}; choose one of {sorted(BUDGETS)}.")
-    if isinstance(overrides, str):
-        try:
-            overrides = json.loads(overrides) if overrides.strip() else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
-    data = merge_overrides(BUDGETS[budget], overrides or {})
+    data = merge_overrides(BUDGETS[budget], parse_overrides(overrides))
     data["budget"] = budget
     return RunConfig.from_json(data)

@@ -101,9 +101,11 @@ def prepare_base_model(
         raise ValueError(
             f"base_model must be a registered model name such as 'cnn-mnist', got {base_model!r}."
         )
-    if not registry.model_exists(base_model, uri):
-        _pretrain_and_register(base_model, config, uri, _data_dir(data_dir))
-    elif not registry.alias_exists(base_model, CHAMPION, uri):
+    # Two runs on a fresh store: one pretrains, the other waits and finds the model.
+    with registry.exclusive(base_model, uri):
+        if not registry.model_exists(base_model, uri):
+            _pretrain_and_register(base_model, config, uri, _data_dir(data_dir))
+    if not registry.alias_exists(base_model, CHAMPION, uri):
         raise registry.RegistryError(
             f"Registered model {base_model!r} has no '{CHAMPION}' alias, so there is no pretrained "
             f"model to specialize to. Set the alias on the version to use "

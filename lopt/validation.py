@@ -260,9 +260,6 @@ def decide(
     return GateDecision(True, f"passed all {len(checks)} checks", tuple(checks))
 
 
-Evaluator = Callable[[Params, Task, int], RunResult]
-
-
 def validate(
     l3rs: L3RS,
     theta: MetaParams,

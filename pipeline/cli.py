@@ -28,15 +28,6 @@ def _home(path: str | None) -> Path:
     return home
 
 
-def _use_all_cores() -> None:
-    """One JAX CPU device per core, so ES pairs run in parallel (set before JAX loads; the
-    pipeline's steps inherit it)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count or 1}".strip()
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
@@ -49,7 +40,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = _home(args.home)
-    _use_all_cores()
+    from lopt.host import use_all_cores
+
+    use_all_cores()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from kfp import local
 
