@@ -323,6 +323,13 @@ def _current_champion(
     return l3rs, theta, info
 
 
+def _shared_architecture(candidate: L3RS, other: L3RS) -> L3RS:
+    """``candidate`` when ``other`` is the same architecture: the compiled unrolls take the
+    optimizer factory as a static argument, so one object means one compilation for both θ."""
+    same = other.config == candidate.config and other.layout == candidate.layout
+    return candidate if same else other
+
+
 def validate_optimizer(
     base_model_uri: str,
     optimizer_dir: str,
@@ -359,7 +366,7 @@ def validate_optimizer(
         print(f"validate: comparing with the champion {champion_info['uri']}"
               + (f" — not compared: {champion_info['note']}" if not champion_info["compared"] else ""))
         if champion_l3rs is not None:
-            champion_arg = (champion_l3rs, champion_theta, champion_info)
+            champion_arg = (_shared_architecture(l3rs, champion_l3rs), champion_theta, champion_info)
     report = validate(
         l3rs, theta, spec, checkpoints, config.validation, header["horizon"], _data_dir(data_dir),
         champion=champion_arg,
