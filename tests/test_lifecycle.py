@@ -249,3 +249,14 @@ def test_plots_and_html_report_render_from_a_report(tmp_path):
     assert all(path.stat().st_size > 10_000 for path in figures.values())
     page = plots.write_html(report, figures, tmp_path / "index.html", "title").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Gate: PASSED" in page and "1.0.0" in page
+
+
+def test_a_champion_of_the_same_architecture_reuses_the_candidates_compilation():
+    from lopt.steps import _shared_architecture
+
+    params = init_params(SPEC, jax.random.key(0))
+    layout = LayerLayout.from_params(params)
+    candidate = L3RS(L3RSConfig(), layout)
+    assert _shared_architecture(candidate, L3RS(L3RSConfig(), layout)) is candidate
+    other = L3RS(L3RSConfig(hidden_size=8), layout)
+    assert _shared_architecture(candidate, other) is other
