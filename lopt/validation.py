@@ -181,7 +181,7 @@ class ValidationReport:
 
     def table(self) -> str:
         header = (
-            f"{'task':<26} {'ckpt':<6} {'T':>5} {'L3RS loss':>10} {'acc':>6} "
+            f"{'task':<32} {'ckpt':<6} {'T':>5} {'L3RS loss':>10} {'acc':>6} "
             f"{'best baseline':>26} {'loss':>8} {'acc':>6} {'ratio':>6} {'steps-to-target':>16}"
         )
         lines = [header, "-" * len(header)]
@@ -190,7 +190,7 @@ class ValidationReport:
             name = f"{best.optimizer}@{best.learning_rate:.0e}"
             task = r.task + ("" if r.held_out else " (ref)")
             lines.append(
-                f"{task:<26} {r.checkpoint:<6} {r.horizon:>5} {r.learned.test_loss:>10.4f} "
+                f"{task:<32} {r.checkpoint:<6} {r.horizon:>5} {r.learned.test_loss:>10.4f} "
                 f"{r.learned.test_accuracy:>6.3f} {name:>26} {best.test_loss:>8.4f} "
                 f"{best.test_accuracy:>6.3f} {r.loss_ratio:>6.2f} {_times(r.steps_to_target):>16}"
             )
