@@ -89,6 +89,13 @@ def fine_tune(
     )
 
 
+def seeded_start(spec: ModelSpec, pretrained: Params, task: Task, seed: int) -> tuple[Params, jax.Array]:
+    """What a seed draws for one run on ``task``: the fresh head (returned in the params) and
+    the key of the minibatch order; every optimizer run with that seed gets the same."""
+    head_key, data_key = jax.random.split(jax.random.key(seed))
+    return with_fresh_head(spec, pretrained, task.num_classes, head_key), data_key
+
+
 def run_seeds(
     hparams: Any,
     make_optimizer: OptimizerFactory,
@@ -104,8 +111,7 @@ def run_seeds(
     """One run per seed; the seed draws the fresh head and the minibatch order."""
     trajectories = []
     for seed in seeds:
-        head_key, data_key = jax.random.split(jax.random.key(seed))
-        params = with_fresh_head(spec, pretrained, task.num_classes, head_key)
+        params, data_key = seeded_start(spec, pretrained, task, seed)
         trajectories.append(
             fine_tune(
                 hparams, make_optimizer, spec, params, task, horizon, batch_size, data_key,
@@ -202,8 +208,7 @@ def trace_controls(
 ) -> Controls:
     """What the learned optimizer decides at every step of one fine-tuning run on ``task``:
     per-layer learning rates ``[T, L]`` and mixing coefficients ``[T, L, P]`` (for plots)."""
-    head_key, data_key = jax.random.split(jax.random.key(seed))
-    params = with_fresh_head(spec, pretrained, task.num_classes, head_key)
+    params, data_key = seeded_start(spec, pretrained, task, seed)
     apply = model_fn(spec.with_num_classes(task.num_classes))
     return _trace_controls(
         theta, params, task.train, data_key,
