@@ -8,6 +8,7 @@ pipeline never imports JAX, and the step logic stays testable without kfp.
 from components.base_model import prepare_base_model
 from components.meta_training import meta_train
 from components.registration import register
+from components.selection import select_best
 from components.validation import validate
 
-__all__ = ["meta_train", "prepare_base_model", "register", "validate"]
+__all__ = ["meta_train", "prepare_base_model", "register", "select_best", "validate"]

@@ -2,6 +2,8 @@
 
 from typing import NamedTuple
 
+from kfp.dsl import Artifact, Output
+
 from components.common import component
 
 
@@ -14,10 +16,14 @@ def prepare_base_model(
     data_dir: str,
     pipeline_run: str,
     if_stale: bool,
+    context: Output[Artifact],
 ) -> NamedTuple("Outputs", [("base_model_uri", str), ("run_id", str), ("retrain", bool), ("reason", str)]):
     """Resolves ``base_model@champion`` (pretraining and registering it when the registry has
     no such model); returns its version-pinned URI, the MLflow run id of this run, and
-    whether to meta-train (with ``if_stale``, only when the champion optimizer is stale)."""
+    whether to meta-train (with ``if_stale``, only when the champion optimizer is stale).
+    ``context`` carries the same four values as a JSON artifact, for the steps inside the
+    meta-training fan-out (see pipeline.pipeline)."""
+    import json
     from collections import namedtuple
 
     from lopt import steps
@@ -25,5 +31,7 @@ def prepare_base_model(
     result = steps.prepare_base_model(
         base_model, budget, overrides, tracking_uri, data_dir, pipeline_run, if_stale
     )
+    with open(context.path, "w") as f:
+        json.dump({k: result[k] for k in ("base_model_uri", "run_id", "retrain", "reason")}, f)
     outputs = namedtuple("Outputs", ["base_model_uri", "run_id", "retrain", "reason"])
     return outputs(result["base_model_uri"], result["run_id"], result["retrain"], result["reason"])

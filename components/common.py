@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
 
 from kfp import dsl
 
-# The image the steps run in on a cluster: it must have the project installed (and so kfp,
-# which is why the components do not pip-install kfp at start). The local subprocess runner
-# ignores it beyond requiring a "python" image name and runs the steps in the current venv.
-BASE_IMAGE = os.environ.get("LOPT_COMPONENT_IMAGE", "python:3.11-slim")
+# The image of the lightweight steps. The local subprocess runner ignores it beyond requiring a
+# "python" image name and runs the steps in the current venv; a cluster build replaces it with
+# the project's image (pipeline.pipeline.ClusterTarget), which has the project and so kfp
+# installed: that is why the components do not pip-install kfp at start.
+BASE_IMAGE = "python:3.11-slim"
 
 component = functools.partial(dsl.component, base_image=BASE_IMAGE, install_kfp_package=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Mapping
 
 from lopt.baselines import BASELINES
@@ -63,6 +64,10 @@ class MetaTrainConfig:
     outer_learning_rate: float = 1e-2
     checkpoint_every: int = 10
     seed: int = 0
+    # When a run fans out over several meta-training variants (seeds, configs), the one with
+    # the lowest mean meta-objective on this many fresh draws of the meta-training family
+    # (never the held-out datasets) goes on to validation.
+    selection_tasks: int = 8
     l3rs: L3RSConfig = L3RSConfig()
 
 
@@ -229,6 +234,43 @@ def parse_overrides(overrides: Mapping[str, Any] | str | None) -> Mapping[str, A
         return json.loads(overrides) if overrides.strip() else {}
     except json.JSONDecodeError as err:
         raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
+
+
+def with_variant(overrides: Mapping[str, Any] | str | None, variant: Mapping[str, Any] | str | None) -> str:
+    """The overrides one meta-training variant of a fan-out runs with: ``overrides`` with the
+    variant's on top. A variant may change meta-training only; validation and registration
+    stay the run's, so every variant is judged by the same suite."""
+    extra = parse_overrides(variant)
+    if not isinstance(extra, Mapping) or set(extra) - {"meta_train"}:
+        raise ValueError(
+            f"A meta-training variant overrides 'meta_train' fields only, e.g. "
+            f'{{"meta_train": {{"seed": 1}}}}; got {json.dumps(extra)}. Put other changes in the '
+            "run's overrides."
+        )
+    merged = merge_overrides(parse_overrides(overrides), extra)
+    return json.dumps(merged, sort_keys=True) if merged else ""
+
+
+def variant_label(variant: Mapping[str, Any] | str | None) -> str:
+    """A short name for a variant, usable in MLflow metric keys: ``{"meta_train": {"seed":
+    1, "sigma": 0.1}}`` is ``seed:1 sigma:0.1``; the empty variant (the run's own config) is
+    ``""``. Characters MLflow keys do not allow become ``_``."""
+
+    def flat(value: Any, prefix: str) -> list[str]:
+        if isinstance(value, Mapping):
+            return [item for k, v in sorted(value.items()) for item in flat(v, f"{prefix}{k}.")]
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        return [f"{prefix[:-1]}:{text}"]
+
+    label = " ".join(flat(parse_overrides(variant).get("meta_train", {}), ""))
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", label)
+
+
+def seed_variants(count: int, first_seed: int = 0) -> list[str]:
+    """``count`` variants that differ only in the meta-training seed."""
+    if count < 1:
+        raise ValueError(f"A fan-out needs at least one meta-training run, got {count}.")
+    return [json.dumps({"meta_train": {"seed": first_seed + i}}) for i in range(count)]
 
 
 def with_suite(overrides: Mapping[str, Any] | str | None, suite: str) -> str:

@@ -6,15 +6,30 @@ XLA reads ``XLA_FLAGS`` when the first computation creates the CPU client, not a
 
 from __future__ import annotations
 
+import math
 import os
 
 
-def use_all_cores() -> int:
-    """One JAX CPU device per usable core, so meta-training spreads its ES pairs over every
-    core (:class:`lopt.meta_training.AntitheticES`); an ``XLA_FLAGS`` that already sets the
-    device count wins. Child processes (pipeline steps) inherit the setting. Returns the
-    number of cores."""
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), which affinity does not show: a pod limited to 4 CPUs on a 64-core
+    node must not split its ES pairs 64 ways."""
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, math.ceil(int(quota) / int(period))))
+
+
+def use_all_cores() -> int:
+    """One JAX CPU device per usable core (:func:`usable_cores`), so meta-training spreads its
+    ES pairs over every core (:class:`lopt.meta_training.AntitheticES`); an ``XLA_FLAGS``
+    that already sets the device count wins. Child processes (pipeline steps) inherit the
+    setting. Returns the number of cores."""
+    count = usable_cores()
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

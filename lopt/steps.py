@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from lopt import registry
-from lopt.config import MetaTrainConfig, RunConfig, get_config
+from lopt.config import MetaTrainConfig, RunConfig, get_config, variant_label, with_variant
 from lopt.data import load_dataset
 from lopt.evaluation import pretrain, trace_controls
 from lopt.hub import (
@@ -198,6 +198,7 @@ def meta_train_optimizer(
     checkpoint_dir: str = "",
     retrain: bool = True,
     reason: str = "",
+    variant: str = "",
 ) -> dict[str, Any]:
     """Meta-trains L3RS for the base model with antithetic ES; writes it to ``output_dir``.
 
@@ -205,9 +206,17 @@ def meta_train_optimizer(
     after the base model version and the config hash). With ``retrain`` false (the champion
     optimizer is up to date, see :func:`retrain_decision`), nothing is trained: the
     champion's files go to ``output_dir`` with a ``skipped.json`` that tells the later steps.
+
+    ``variant`` (JSON ``meta_train`` overrides, see :func:`lopt.config.with_variant`) is one
+    branch of a fan-out: it trains with the variant applied, logs its metrics under
+    ``meta/<label>/``, and records the run's config hash (its identity for staleness) next to
+    the variant's own.
     """
-    config = _config(budget, overrides)
+    run_config = _config(budget, overrides)
+    config = _config(budget, with_variant(overrides, variant))
     cfg = config.meta_train
+    label = variant_label(variant)
+    prefix = f"meta/{label}/" if label else "meta/"
     uri = tracking_uri or None
     if not retrain:
         return _skip_meta_training(base_model_uri, output_dir, reason, uri)
@@ -231,7 +240,7 @@ def meta_train_optimizer(
         learning_rate=cfg.outer_learning_rate,
         key=train_key,
         on_step=lambda step, metrics: logger.log_metrics(
-            {f"meta/{k}": v for k, v in metrics.items()}, step
+            {f"{prefix}{k}": v for k, v in metrics.items()}, step
         ),
         progress=progress,
         checkpoint_dir=checkpoints,
@@ -248,16 +257,96 @@ def meta_train_optimizer(
         "estimator": cfg.estimator,
         "start": cfg.start,
         "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(result.theta)),
+        "variant": variant,
+        "variant_config_hash": config.hash(),
     }
-    logger.log_metrics({"meta/total_seconds": result.seconds})
+    logger.log_metrics({f"{prefix}total_seconds": result.seconds})
     save_optimizer(
         Path(output_dir),
         l3rs,
         result.theta,
         cfg.horizon,
-        {"meta_training": summary, "base_model_uri": base_model_uri, "config_hash": config.hash()},
+        {"meta_training": summary, "base_model_uri": base_model_uri, "config_hash": run_config.hash()},
     )
     return summary
+
+
+# Selection draws its meta-validation tasks from a key no meta-training run uses (runs split
+# jax.random.key(seed) for small seeds), so the comparison is on fresh draws of the family.
+SELECTION_SEED = 2**31 - 1
+SELECTION = "selection.json"
+
+
+def select_optimizer(
+    candidate_dirs: list[str],
+    output_dir: str,
+    base_model_uri: str,
+    run_id: str,
+    budget: str = "default",
+    overrides: str = "",
+    tracking_uri: str = "",
+    data_dir: str = "",
+) -> dict[str, Any]:
+    """The fan-in of a meta-training fan-out: copies the best candidate to ``output_dir``.
+
+    Candidates are scored by the meta-objective itself (mean log final validation loss at
+    the meta-training horizon) on ``meta_train.selection_tasks`` fresh draws of the
+    meta-training task family, the same draws for all. The held-out validation datasets are
+    never looked at here: choosing by them would tune on the set the gate reports. One
+    candidate, or skipped meta-training (every candidate is the champion), passes straight
+    through. ``selection.json`` in the output records the scores.
+    """
+    if not candidate_dirs:
+        raise ValueError("No meta-training candidates to select from: the fan-out produced none.")
+    uri = tracking_uri or None
+    labels = [
+        variant_label(load_optimizer(Path(d))[2].get("meta_training", {}).get("variant", ""))
+        if not _skipped(d) else "skipped"
+        for d in candidate_dirs
+    ]
+    scores: list[float | None] = [None] * len(candidate_dirs)
+    if len(candidate_dirs) > 1 and not any(_skipped(d) for d in candidate_dirs):
+        scores = _selection_scores(candidate_dirs, base_model_uri, _config(budget, overrides), uri, data_dir)
+    best = int(np.argmin(scores)) if scores[0] is not None else 0
+    out = Path(output_dir)
+    shutil.copytree(candidate_dirs[best], out, dirs_exist_ok=True)
+    selection = {
+        "selected": best,
+        "selected_variant": labels[best],
+        "candidates": [{"variant": label, "score": score} for label, score in zip(labels, scores)],
+    }
+    (out / SELECTION).write_text(json.dumps(selection, indent=1))
+    if scores[0] is not None:
+        logger = registry.RunLogger(run_id, uri)
+        logger.log_metrics({f"select/{label}/score": s for label, s in zip(labels, scores) if s is not None})
+        logger.set_tags({"selected_variant": labels[best]})
+        print("selection (mean log meta-validation loss): " + ", ".join(
+            f"{label or 'base'}={'n/a' if s is None else f'{s:.4f}'}" for label, s in zip(labels, scores)
+        ) + f"; selected {labels[best] or 'base'}")
+    return selection
+
+
+def _selection_scores(
+    candidate_dirs: list[str], base_model_uri: str, config: RunConfig, tracking_uri: str | None, data_dir: str
+) -> list[float]:
+    cfg = config.meta_train
+    _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=tracking_uri)
+    spec = info["spec"]
+    family = load_task_family(cfg.family, spec.input_shape, _data_dir(data_dir))
+    keys = jax.random.split(jax.random.key(SELECTION_SEED), cfg.selection_tasks)
+    first: L3RS | None = None
+    scores = []
+    for directory in candidate_dirs:
+        l3rs, theta, _ = load_optimizer(Path(directory))
+        first = first or l3rs
+        # The unroll inside is jitted with the architecture as a static argument: candidates
+        # of one architecture share a compilation.
+        objective = FinalValidationLoss(
+            _shared_architecture(first, l3rs), spec, pretrained, family, cfg.horizon,
+            cfg.batch_size, start=cfg.start,
+        )
+        scores.append(float(np.mean([objective(theta, key) for key in keys])))
+    return scores
 
 
 SKIPPED = "skipped.json"
@@ -469,6 +558,12 @@ def register_validated_optimizer(
         "datasets": json.dumps([{k: v for k, v in d.items()} for d in datasets], sort_keys=True),
         "data_hash": data_hash(datasets),
     }
+    selection_file = Path(optimizer_dir) / SELECTION
+    if selection_file.is_file():
+        # Which variant of a fan-out this is, and how every candidate scored.
+        selection = json.loads(selection_file.read_text())
+        lineage["selected_variant"] = selection["selected_variant"]
+        lineage["selection"] = json.dumps(selection["candidates"], sort_keys=True)
     compared = report.get("champion") or {}
     expected_champion = compared.get("version")
     meta = header.get("meta_training") or {}
@@ -568,14 +663,23 @@ def run_all(
     tracking_uri: str = "",
     data_dir: str = "",
     workdir: str | os.PathLike = ".",
+    variants: tuple[str, ...] = ("",),
+    if_stale: bool = False,
 ) -> dict[str, Any]:
-    """All steps in one process, in pipeline order (for notebooks and debugging)."""
+    """All steps in one process, in pipeline order, the fan-out run in turn (for notebooks
+    and debugging; the pipeline is the product)."""
     work = Path(workdir)
-    base = prepare_base_model(base_model, budget, overrides, tracking_uri, data_dir)
+    base = prepare_base_model(base_model, budget, overrides, tracking_uri, data_dir, if_stale=if_stale)
+    ids = (base["base_model_uri"], base["run_id"])
+    candidates = [str(work / "candidates" / str(i)) for i in range(len(variants))]
+    for directory, variant in zip(candidates, variants):
+        meta_train_optimizer(
+            ids[0], directory, ids[1], budget, overrides, tracking_uri, data_dir,
+            retrain=base["retrain"], reason=base["reason"], variant=variant,
+        )
     optimizer_dir, report_path = str(work / "optimizer"), str(work / "report.json")
-    meta_train_optimizer(base["base_model_uri"], optimizer_dir, base["run_id"], budget, overrides, tracking_uri, data_dir)
-    validate_optimizer(base["base_model_uri"], optimizer_dir, report_path, base["run_id"], budget, overrides, tracking_uri, data_dir)
+    select_optimizer(candidates, optimizer_dir, *ids, budget, overrides, tracking_uri, data_dir)
+    validate_optimizer(ids[0], optimizer_dir, report_path, ids[1], budget, overrides, tracking_uri, data_dir)
     return register_validated_optimizer(
-        base["base_model_uri"], optimizer_dir, report_path, base["run_id"], tracking_uri, "",
-        budget, overrides, data_dir,
+        ids[0], optimizer_dir, report_path, ids[1], tracking_uri, "", budget, overrides, data_dir,
     )

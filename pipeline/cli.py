@@ -1,12 +1,13 @@
-"""The ``lopt`` command line: run the pipeline locally, compile it, check staleness, fetch
-the optimizer and fine-tune with it.
+"""The ``lopt`` command line: run the pipeline locally, compile it, submit and schedule it on a
+cluster, check staleness, fetch the optimizer and fine-tune with it.
 
 ``lopt run`` executes the Kubeflow pipeline with ``kfp.local.SubprocessRunner(use_venv=False)``
 against the embedded MLflow store under ``$LOPT_HOME`` (or ``$MLFLOW_TRACKING_URI``): the
 same components a cluster runs, in subprocesses of this interpreter, offline.
 
-Exit codes: 0 success; 2 bad input (the message says what to do); ``retrain-check`` exits 1
-when retraining is due, for cron and CI.
+Exit codes: 0 success; 2 bad input (the message says what to do); 3 the Kubeflow Pipelines
+API was unreachable or refused (submit, schedule); ``retrain-check`` exits 1 when retraining
+is due, for cron and CI.
 """
 
 from __future__ import annotations
@@ -31,11 +32,28 @@ def _home(path: str | None) -> Path:
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
-    from pipeline.pipeline import l3rs_pipeline
+    from pipeline.pipeline import ClusterTarget, build_pipeline
 
-    compiler.Compiler().compile(l3rs_pipeline, package_path=args.output)
-    print(f"wrote {args.output}")
+    target = ClusterTarget(args.image) if args.image else None
+    compiler.Compiler().compile(build_pipeline(target), package_path=args.output)
+    where = f"for a cluster, steps in {args.image}" if target else "lightweight steps, for kfp.local"
+    print(f"wrote {args.output} ({where})")
     return 0
+
+
+def _variants(args: argparse.Namespace, budget: str, overrides: str) -> list[str]:
+    """The meta-training variants a run fans out over (``["{}"]``: one run, no fan-out)."""
+    from lopt.config import get_config, seed_variants, with_variant
+
+    if args.variant and args.fan_out > 1:
+        raise ValueError("Give either --fan-out K (K seeds) or --variant JSON (repeated), not both.")
+    if args.variant:
+        for variant in args.variant:
+            get_config(budget, with_variant(overrides, variant))  # a clear error now, not in a step
+        return list(args.variant)
+    if args.fan_out > 1:
+        return seed_variants(args.fan_out, get_config(budget, overrides).meta_train.seed)
+    return ["{}"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -56,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = with_suite(args.overrides, args.suite)
     # Bad budget, override or dataset name: a clear error now, not a failed step later.
     check_inputs(args.budget, overrides, str(default_data_dir()))
+    variants = _variants(args, args.budget, overrides)
     tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
@@ -69,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri,
         data_dir=str(default_data_dir()),
         if_stale=args.if_stale,
+        variants=variants,
     )
     summary = json.loads(task.output)
     print(_summary(summary, time.perf_counter() - start, home))
@@ -187,6 +207,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_request(args: argparse.Namespace):
+    """Checks the run's inputs here, then the package and parameters to send to the cluster."""
+    from lopt.config import get_config, with_suite
+    from pipeline import cluster
+
+    overrides = with_suite(args.overrides, args.suite)
+    get_config(args.budget, overrides)
+    variants = _variants(args, args.budget, overrides)
+    package = cluster.package_for(args.image, args.package)
+    return cluster.Submission(
+        package=package,
+        arguments=cluster.arguments(args.base_model, args.budget, overrides, args.tracking_uri, args.if_stale, variants),
+        experiment=args.experiment,
+        namespace=args.namespace,
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    request = _cluster_request(args)
+    run_name = args.run_name or f"lopt-{args.base_model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = cluster.submit(args.host, request, run_name)
+    print(f"submitted run {result['run_id']} ({run_name}) to {args.host}, experiment {request.experiment}")
+    print(cluster.describe(dict(request.arguments)))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    cluster.check_cron(args.cron)  # before compiling anything
+    request = _cluster_request(args)
+    result = cluster.schedule(args.host, request, args.name, args.cron)
+    print(f"scheduled {args.name!r} ({result['recurring_run_id']}) on {args.host}: cron {args.cron!r} "
+          f"(seconds first), no catch-up, at most one run at a time")
+    print("next runs (UTC): " + ", ".join(result["next_runs"]))
+    return 0
+
+
 def _base_model_of(optimizer_version) -> str:
     """The base model version an optimizer version was meta-trained for (its lineage tags)."""
     tags = optimizer_version.tags
@@ -201,6 +261,25 @@ HOME_HELP = "LOPT_HOME: where the store, data and outputs go (default: $LOPT_HOM
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded SQLite store)"
 
 
+def _fan_out_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fan-out", type=int, default=1, metavar="K", help="meta-train K seeds in parallel (dsl.ParallelFor); the best on meta-validation goes on")
+    parser.add_argument("--variant", action="append", default=[], metavar="JSON", help='one meta-training variant, e.g. \'{"meta_train": {"sigma": 0.1}}\'; repeat to fan out over several')
+
+
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui)")
+    parser.add_argument("--image", default=None, help="the steps' image, e.g. registry.example.com/lopt:0.1.0 (or --package)")
+    parser.add_argument("--package", default=None, help="a package compiled with `lopt compile --image` instead of compiling now")
+    parser.add_argument("--experiment", default="lopt", help="KFP experiment (default: %(default)s)")
+    parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user installs)")
+    parser.add_argument("--base-model", default="cnn-mnist", help="registered base model name (default: %(default)s)")
+    parser.add_argument("--budget", default="default", help="config budget: tiny, default or full (default: %(default)s)")
+    parser.add_argument("--overrides", default="", help="JSON config overrides")
+    parser.add_argument("--suite", default="default", help="validation suite: default or full")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI as the steps see it (default: the lopt-config ConfigMap's)")
+    _fan_out_arguments(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lopt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     run.add_argument("--suite", default="default", help="validation suite: default (fits make run) or full (every baseline, 10-point grids)")
     run.add_argument("--if-stale", action="store_true", help="skip meta-training when the champion optimizer is up to date (see retrain-check)")
+    _fan_out_arguments(run)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("retrain-check", help="say whether the champion optimizer is stale; exit 1 when retraining is due")
@@ -248,7 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     comp.add_argument("-o", "--output", default="lopt-pipeline.yaml", help="output file (default: %(default)s)")
+    comp.add_argument("--image", default=None, help="compile for a cluster: the steps' image, e.g. registry.example.com/lopt:0.1.0 (manifests/image/Dockerfile)")
     comp.set_defaults(func=cmd_compile)
+
+    submit = sub.add_parser("submit", help="create a run on a Kubeflow Pipelines cluster")
+    _cluster_arguments(submit)
+    submit.add_argument("--run-name", default=None, help="default: lopt-<base model>-<timestamp>")
+    submit.add_argument("--if-stale", action="store_true", help="skip meta-training when the champion optimizer is up to date")
+    submit.set_defaults(func=cmd_submit)
+
+    sched = sub.add_parser("schedule", help="create a recurring run on a Kubeflow Pipelines cluster")
+    _cluster_arguments(sched)
+    sched.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * *' is daily at 03:00:00")
+    sched.add_argument("--name", default="lopt-retrain", help="recurring run name (default: %(default)s)")
+    sched.add_argument("--always", dest="if_stale", action="store_false", help="meta-train on every run (default: only when stale)")
+    sched.set_defaults(func=cmd_schedule, if_stale=True)
     return parser
 
 
@@ -260,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input (unknown dataset, budget, model URI...): the message says what to do.
         print(f"lopt: error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:
+        # The KFP API (pipeline.cluster.ClusterError): unreachable, or it refused the request.
+        print(f"lopt: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -260,3 +260,28 @@ def test_a_champion_of_the_same_architecture_reuses_the_candidates_compilation()
     assert _shared_architecture(candidate, L3RS(L3RSConfig(), layout)) is candidate
     other = L3RS(L3RSConfig(hidden_size=8), layout)
     assert _shared_architecture(candidate, other) is other
+
+
+def test_selection_passes_a_single_or_skipped_candidate_through_unscored(tmp_path):
+    from lopt.serialization import save_optimizer
+    from lopt.steps import SELECTION, SKIPPED, select_optimizer
+
+    params = init_params(SPEC, jax.random.key(0))
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    dirs = []
+    for seed in (0, 1):
+        d = tmp_path / f"candidate{seed}"
+        save_optimizer(d, l3rs, l3rs.init(jax.random.key(seed)), 30, {"meta_training": {"variant": f'{{"meta_train": {{"seed": {seed}}}}}'}})
+        dirs.append(str(d))
+    # One candidate: no scoring (no registry, no data needed), copied with its record.
+    one = select_optimizer(dirs[1:], str(tmp_path / "one"), "models:/unused/1", "no-run")
+    assert one == {"selected": 0, "selected_variant": "seed:1", "candidates": [{"variant": "seed:1", "score": None}]}
+    assert (tmp_path / "one" / "meta_params.msgpack").read_bytes() == (tmp_path / "candidate1" / "meta_params.msgpack").read_bytes()
+    assert json.loads((tmp_path / "one" / SELECTION).read_text()) == one
+    # Skipped meta-training: every candidate is the champion; the first goes on, still skipped.
+    for d in dirs:
+        (tmp_path / d / SKIPPED).write_text(json.dumps({"skipped": True}))
+    skipped = select_optimizer(dirs, str(tmp_path / "skip"), "models:/unused/1", "no-run")
+    assert skipped["selected"] == 0 and (tmp_path / "skip" / SKIPPED).is_file()
+    with pytest.raises(ValueError, match="no meta-training candidates|produced none"):
+        select_optimizer([], str(tmp_path / "none"), "models:/unused/1", "no-run")

@@ -11,23 +11,6 @@ import yaml
 from pipeline import cli
 
 
-def test_compile_writes_a_pipeline_with_four_uncached_steps(tmp_path):
-    out = tmp_path / "pipeline.yaml"
-    assert cli.main(["compile", "-o", str(out)]) == 0
-    spec = yaml.safe_load(out.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare-base-model", "meta-train", "validate", "register"}
-    # Every step reads or writes registry state: none may be served from KFP's cache.
-    assert all(task["cachingOptions"].get("enableCache", False) is False for task in tasks.values())
-    assert tasks["validate"]["dependentTasks"] == ["meta-train", "prepare-base-model"]
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["base_model"]["defaultValue"] == "cnn-mnist"
-    assert params["budget"]["defaultValue"] == "default"
-    # The steps never pip-install at start: the image (or local venv) has the project.
-    for executor in spec["deploymentSpec"]["executors"].values():
-        assert "pip install" not in " ".join(executor["container"]["command"])
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -57,7 +40,8 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     home = tmp_path / "home"
-    assert cli.main(["run", "--budget", "tiny", "--home", str(home)]) == 0
+    # Fanned out over two meta-training seeds (dsl.ParallelFor), the better one selected.
+    assert cli.main(["run", "--budget", "tiny", "--home", str(home), "--fan-out", "2"]) == 0
     out = capsys.readouterr().out
     assert "registered l3rs-cnn-mnist version 1" in out
     assert "sklearn_digits" in out and "gate:" in out
@@ -102,7 +86,12 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     client = MlflowClient(uri)
     run = client.get_run(optimizer.run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "meta/objective")) == 2
+    for seed in (0, 1):
+        assert len(client.get_metric_history(run.info.run_id, f"meta/seed:{seed}/objective")) == 2
+    scores = {c["variant"]: c["score"] for c in json.loads(optimizer.tags["selection"])}
+    assert set(scores) == {"seed:0", "seed:1"}
+    assert optimizer.tags["selected_variant"] == min(scores, key=scores.get)
+    assert run.data.tags["selected_variant"] == optimizer.tags["selected_variant"]
     assert "val/gate_passed" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} >= {
         "validation/index.html", "validation/mixing.png"
