@@ -98,7 +98,9 @@ def _quadratic(theta, key):
 
 def test_antithetic_es_estimates_the_gradient():
     theta = {"x": jnp.zeros(4), "y": jnp.ones((2, 3))}
-    estimator = AntitheticES(_quadratic, num_pairs=2000, sigma=0.01)
+    # On a quadratic the antithetic difference is exactly 2σ ε·∇f, so the estimate is
+    # mean(ε εᵀ)∇f: a few hundred pairs in 10 dimensions give a cosine near 0.98.
+    estimator = AntitheticES(_quadratic, num_pairs=300, sigma=0.01)
     estimate = estimator(theta, jax.random.key(0))
     true = jax.grad(_quadratic)(theta, None)
     flat = lambda t: jnp.concatenate([t["x"].ravel(), t["y"].ravel()])
