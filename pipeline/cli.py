@@ -123,9 +123,16 @@ def _summary(summary: dict, seconds: float, home: Path) -> str:
         f"fetch it: lopt.fetch_optimizer(\"{summary['uri']}\", num_steps=T)",
         f"          lopt fetch {summary['uri']} --out DIR",
         *([f"report:   {report}"] if report else []),
-        f"browse:   mlflow ui --backend-store-uri {summary['tracking_uri']}",
+        f"browse:   {_browse(summary['tracking_uri'])}",
         f"outputs:  {home}",
     ])
+
+
+def _browse(tracking_uri: str) -> str:
+    """How to look at the store: a server's own UI, or `mlflow ui` over a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def cmd_retrain_check(args: argparse.Namespace) -> int:

@@ -502,6 +502,11 @@ def test_mlflow_image_matches_its_deployment() -> None:
     assert image["newTag"] == pins["mlflow"]
     user = [args for op, args in instructions(IMAGE_DIR / "mlflow-server.Dockerfile") if op == "USER"][-1]
     assert pod_spec(the("Deployment", "mlflow"))["securityContext"]["runAsUser"] == int(user.partition(":")[0])
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: the URI must name the driver
+    # the image installs, or the server dies at start ("No module named 'psycopg'").
+    (container,) = pod_spec(the("Deployment", "mlflow"))["containers"]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
 
 
 def docker_ignored(path: str, patterns: list[str]) -> bool:

@@ -76,8 +76,13 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     images = jnp.zeros((8, *info["input_shape"]))
     labels = jnp.arange(8)
     loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(model_fn(p, images), labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, _ = opt.update(grads, opt.init(params), params, value=loss)
+
+    @jax.jit  # one compilation instead of op-by-op dispatch: seconds off the suite
+    def first_updates(p):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        return opt.update(grads, opt.init(p), p, value=loss)[0]
+
+    updates = first_updates(params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
 
     # The MLflow run of the pipeline holds the meta-training curve and the validation numbers.
