@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # pytest exits 5 when it collected no tests; make would turn that into a failure.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=12; status=$$?; \
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=12; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$status
 
 test-fast: $(STAMP)

@@ -33,8 +33,10 @@ IMAGE_SHAPES = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def no_network() -> Iterator[None]:
+    """Every test of this module runs with sockets refused (module scope: later modules,
+    such as the MLflow server test, need loopback)."""
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"network access attempted: {args}")
 

@@ -268,8 +268,10 @@ def test_pipeline_against_an_mlflow_server_on_postgres(mlflow_server, tmp_path, 
     home = tmp_path / "home"
     url = mlflow_server.url
 
+    # As a cluster would run it: meta-training fanned out over two seeds (dsl.ParallelFor),
+    # the better one on meta-validation selected.
     args = ["run", "--budget", "tiny", "--overrides", json.dumps(OVERRIDES),
-            "--home", str(home), "--tracking-uri", url]
+            "--home", str(home), "--tracking-uri", url, "--fan-out", "2"]
     assert cli.main(args) == 0, f"mlflow server log:\n{_tail(mlflow_server.log)}"
     printed = capsys.readouterr().out
     assert "registered l3rs-cnn-mnist version 1" in printed
@@ -280,6 +282,13 @@ def test_pipeline_against_an_mlflow_server_on_postgres(mlflow_server, tmp_path, 
     optimizer = client.get_model_version_by_alias("l3rs-cnn-mnist", "challenger")
     assert optimizer.tags["base_model"] == "cnn-mnist"
     assert optimizer.tags["base_model_version"] == base.version
+    scores = {c["variant"]: c["score"] for c in json.loads(optimizer.tags["selection"])}
+    assert set(scores) == {"seed:0", "seed:1"}
+    assert optimizer.tags["selected_variant"] == min(scores, key=scores.get)
+    run = client.get_run(optimizer.run_id)
+    assert run.data.tags["selected_variant"] == optimizer.tags["selected_variant"]
+    for seed in (0, 1):  # each branch's meta-training curve, under its own prefix
+        assert len(client.get_metric_history(run.info.run_id, f"meta/seed:{seed}/objective")) == 1
 
     # The registry really is the PostgreSQL database behind the server.
     with contextlib.closing(psycopg2.connect(mlflow_server.backend_dsn)) as connection:

@@ -40,8 +40,7 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     home = tmp_path / "home"
-    # Fanned out over two meta-training seeds (dsl.ParallelFor), the better one selected.
-    assert cli.main(["run", "--budget", "tiny", "--home", str(home), "--fan-out", "2"]) == 0
+    assert cli.main(["run", "--budget", "tiny", "--home", str(home)]) == 0
     out = capsys.readouterr().out
     assert "registered l3rs-cnn-mnist version 1" in out
     assert "sklearn_digits" in out and "gate:" in out
@@ -91,12 +90,9 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     client = MlflowClient(uri)
     run = client.get_run(optimizer.run_id)
     assert run.info.status == "FINISHED"
-    for seed in (0, 1):
-        assert len(client.get_metric_history(run.info.run_id, f"meta/seed:{seed}/objective")) == 2
-    scores = {c["variant"]: c["score"] for c in json.loads(optimizer.tags["selection"])}
-    assert set(scores) == {"seed:0", "seed:1"}
-    assert optimizer.tags["selected_variant"] == min(scores, key=scores.get)
-    assert run.data.tags["selected_variant"] == optimizer.tags["selected_variant"]
+    # (No fan-out here: the MLflow server test runs one.) The single candidate went on as is.
+    assert len(client.get_metric_history(run.info.run_id, "meta/objective")) == 2
+    assert "selected_variant" not in run.data.tags
     assert "val/gate_passed" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} >= {
         "validation/index.html", "validation/mixing.png"
