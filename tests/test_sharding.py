@@ -1,4 +1,5 @@
-"""ES population members spread over local devices give the same estimate as on one device."""
+"""ES population members spread over local devices give the same estimates, and so the same
+meta-trained θ, as on one device."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from lopt import models
     from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
-    from lopt.meta_training import AntitheticES, FinalValidationLoss
+    from lopt.meta_training import AntitheticES, FinalValidationLoss, meta_train
     from lopt.tasks import TaskFamily, TaskFamilySpec
 
     spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
@@ -30,8 +31,10 @@ SCRIPT = textwrap.dedent(
     l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(pretrained))
     es = AntitheticES(FinalValidationLoss(l3rs, spec, pretrained, family, 10, 8), num_pairs=4, sigma=0.1)
     estimate = es(l3rs.init(jax.random.key(1)), jax.random.key(2))
-    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(estimate.gradient)])
-    np.save(sys.argv[1], flat)
+    result = meta_train(es, l3rs.init(jax.random.key(1)), num_steps=2, learning_rate=0.01,
+                        key=jax.random.key(3), progress=False)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    np.save(sys.argv[1], np.stack([flat(estimate.gradient), flat(result.theta)]))
     print(len(es.devices))
     """
 )
@@ -46,9 +49,25 @@ def _estimate(tmp_path, devices: int) -> tuple[np.ndarray, int]:
     return np.load(out), int(result.stdout.strip().splitlines()[-1])
 
 
-def test_es_estimate_is_identical_on_one_and_two_devices(tmp_path):
+def _initial_theta() -> np.ndarray:
+    import jax
+
+    from lopt import models
+    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+
+    spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
+    layout = LayerLayout.from_params(models.init_params(spec, jax.random.key(0)))
+    theta = L3RS(L3RSConfig(), layout).init(jax.random.key(1))
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(theta)])
+
+
+def test_es_estimate_and_meta_trained_theta_are_identical_on_one_and_two_devices(tmp_path):
     one, used_one = _estimate(tmp_path, 1)
     two, used_two = _estimate(tmp_path, 2)
     assert (used_one, used_two) == (1, 2)
-    assert np.all(np.isfinite(one)) and np.any(one != 0)
-    np.testing.assert_array_equal(one, two)
+    (gradient, theta), (gradient_two, theta_two) = one, two
+    assert np.all(np.isfinite(gradient)) and np.any(gradient != 0)
+    np.testing.assert_array_equal(gradient, gradient_two)
+    # Two meta-steps from the same start: bitwise the same θ.
+    np.testing.assert_array_equal(theta, theta_two)
+    assert np.any(theta != _initial_theta())
