@@ -510,34 +510,11 @@ def test_mlflow_image_matches_its_deployment() -> None:
 
 
 def docker_ignored(path: str, patterns: list[str]) -> bool:
-    """Docker's .dockerignore rule: the last pattern matching the path or a parent wins."""
-    def regex(pattern: str) -> re.Pattern:
-        out, i = "", 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out, i = out + "(?:.*/)?", i + 3
-            elif pattern.startswith("**", i):
-                out, i = out + ".*", i + 2
-            elif pattern[i] == "*":
-                out, i = out + "[^/]*", i + 1
-            elif pattern[i] == "?":
-                out, i = out + "[^/]", i + 1
-            elif pattern[i] == "[":
-                end = pattern.index("]", i)
-                out, i = out + pattern[i:end + 1], end + 1
-            else:
-                out, i = out + re.escape(pattern[i]), i + 1
-        return re.compile(out)
+    """Docker's own .dockerignore rule, from the docker SDK (a dependency of the pinned
+    mlflow): the last matching pattern, on the path or a parent, wins."""
+    from docker.utils.build import PatternMatcher
 
-    parts = path.split("/")
-    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    ignored = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        compiled = regex(pattern.removeprefix("!").strip("/"))
-        if any(compiled.fullmatch(prefix) for prefix in prefixes):
-            ignored = not negated
-    return ignored
+    return PatternMatcher(patterns).matches(path)
 
 
 def test_build_context_holds_what_the_images_copy_and_nothing_else() -> None:
