@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 
 def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
@@ -16,7 +17,7 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     node must not split its ES pairs 64 ways."""
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        quota, period = open(cpu_max).read().split()[:2]
+        quota, period = Path(cpu_max).read_text().split()[:2]
     except (OSError, ValueError):
         return count
     if quota == "max":

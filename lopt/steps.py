@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lopt import registry
@@ -299,14 +300,16 @@ def select_optimizer(
     if not candidate_dirs:
         raise ValueError("No meta-training candidates to select from: the fan-out produced none.")
     uri = tracking_uri or None
-    labels = [
-        variant_label(load_optimizer(Path(d))[2].get("meta_training", {}).get("variant", ""))
-        if not _skipped(d) else "skipped"
-        for d in candidate_dirs
-    ]
+    skipped = any(_skipped(d) for d in candidate_dirs)
+    # Each candidate is read once: its variant names it, its θ is scored.
+    loaded = [] if skipped else [load_optimizer(Path(d)) for d in candidate_dirs]
+    labels = (
+        ["skipped"] * len(candidate_dirs) if skipped
+        else [variant_label(header.get("meta_training", {}).get("variant", "")) for _, _, header in loaded]
+    )
     scores: list[float | None] = [None] * len(candidate_dirs)
-    if len(candidate_dirs) > 1 and not any(_skipped(d) for d in candidate_dirs):
-        scores = _selection_scores(candidate_dirs, base_model_uri, _config(budget, overrides), uri, data_dir)
+    if len(loaded) > 1:
+        scores = _selection_scores(loaded, base_model_uri, _config(budget, overrides), uri, data_dir)
     best = int(np.argmin(scores)) if scores[0] is not None else 0
     out = Path(output_dir)
     shutil.copytree(candidate_dirs[best], out, dirs_exist_ok=True)
@@ -318,34 +321,37 @@ def select_optimizer(
     (out / SELECTION).write_text(json.dumps(selection, indent=1))
     if scores[0] is not None:
         logger = registry.RunLogger(run_id, uri)
-        logger.log_metrics({f"select/{label}/score": s for label, s in zip(labels, scores) if s is not None})
+        logger.log_metrics({f"select/{label}/score": s for label, s in zip(labels, scores)})
         logger.set_tags({"selected_variant": labels[best]})
         print("selection (mean log meta-validation loss): " + ", ".join(
-            f"{label or 'base'}={'n/a' if s is None else f'{s:.4f}'}" for label, s in zip(labels, scores)
+            f"{label or 'base'}={s:.4f}" for label, s in zip(labels, scores)
         ) + f"; selected {labels[best] or 'base'}")
     return selection
 
 
 def _selection_scores(
-    candidate_dirs: list[str], base_model_uri: str, config: RunConfig, tracking_uri: str | None, data_dir: str
+    candidates: list[tuple[L3RS, Any, dict[str, Any]]],
+    base_model_uri: str,
+    config: RunConfig,
+    tracking_uri: str | None,
+    data_dir: str,
 ) -> list[float]:
     cfg = config.meta_train
     _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=tracking_uri)
     spec = info["spec"]
     family = load_task_family(cfg.family, spec.input_shape, _data_dir(data_dir))
     keys = jax.random.split(jax.random.key(SELECTION_SEED), cfg.selection_tasks)
-    first: L3RS | None = None
+    first = candidates[0][0]
     scores = []
-    for directory in candidate_dirs:
-        l3rs, theta, _ = load_optimizer(Path(directory))
-        first = first or l3rs
+    for l3rs, theta, _ in candidates:
         # The unroll inside is jitted with the architecture as a static argument: candidates
         # of one architecture share a compilation.
         objective = FinalValidationLoss(
             _shared_architecture(first, l3rs), spec, pretrained, family, cfg.horizon,
             cfg.batch_size, start=cfg.start,
         )
-        scores.append(float(np.mean([objective(theta, key) for key in keys])))
+        # One host sync per candidate, not one per task.
+        scores.append(float(jnp.mean(jnp.stack([objective(theta, key) for key in keys]))))
     return scores
 
 

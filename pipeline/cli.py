@@ -30,12 +30,11 @@ def _home(path: str | None) -> Path:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kfp import compiler
-
-    from pipeline.pipeline import ClusterTarget, build_pipeline
+    from pipeline.cluster import compile_package
+    from pipeline.pipeline import ClusterTarget
 
     target = ClusterTarget(args.image) if args.image else None
-    compiler.Compiler().compile(build_pipeline(target), package_path=args.output)
+    compile_package(target, args.output)
     where = f"for a cluster, steps in {args.image}" if target else "lightweight steps, for kfp.local"
     print(f"wrote {args.output} ({where})")
     return 0
@@ -238,7 +237,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_name = args.run_name or f"lopt-{args.base_model}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = cluster.submit(args.host, request, run_name)
     print(f"submitted run {result['run_id']} ({run_name}) to {args.host}, experiment {request.experiment}")
-    print(cluster.describe(dict(request.arguments)))
+    print(json.dumps(dict(request.arguments), indent=1))
     return 0
 
 

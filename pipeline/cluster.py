@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,8 +26,9 @@ CRON_FIELDS = (
 )
 
 
-def compile_package(target: ClusterTarget, path: str | Path) -> Path:
-    """Compiles the cluster pipeline (steps in ``target.image``) to a KFP YAML package."""
+def compile_package(target: ClusterTarget | None, path: str | Path) -> Path:
+    """Compiles the pipeline to a KFP YAML package: for a cluster (steps in
+    ``target.image``), or with ``None`` the lightweight one kfp.local runs."""
     from kfp import compiler
 
     path = Path(path)
@@ -174,7 +174,3 @@ def arguments(
     if tracking_uri:
         args["tracking_uri"] = tracking_uri
     return args
-
-
-def describe(result: Mapping[str, Any]) -> str:
-    return json.dumps(result, indent=1, default=str)
