@@ -61,9 +61,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "es (8 pairs)": {"estimator": "es", "num_pairs": 8},
     "tbptt (4 × 20 steps)": {"estimator": "tbptt", "truncation": 20, "num_tasks": 4},
     "tbptt (2 × 50 steps)": {"estimator": "tbptt", "truncation": 50, "num_tasks": 2},
+    "backprop (8 × whole unroll)": {"estimator": "backprop", "num_tasks": 8},
 }
 # Meta-steps per chunk between evaluations, per estimator (an ES step costs ~10× a tbptt step).
-CHUNK_STEPS = {"es": 10, "tbptt": 25}
+CHUNK_STEPS = {"es": 10, "tbptt": 25, "backprop": 5}
 EVAL_SEED = 20_261_129  # meta-validation draws; meta-training keys come from the config seed
 
 

@@ -205,6 +205,7 @@ def ablation_variants(budget: str) -> dict[str, dict[str, Any]]:
         "untrained": {"meta_train": {"meta_steps": 0}},
         "adam-only": directions(["adam"]),
         "3-directions": directions(["adam", "momentum", "gradient"]),
+        "constant-schedule": {"meta_train": {"l3rs": {"schedule": "constant"}}},
     }
     if cfg.horizons:
         variants["fixed-horizon"] = {"meta_train": {"horizons": []}}
@@ -761,6 +762,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablations", action="store_true", help="meta-train and evaluate the "
                    "ablation variants at --ablation-budget")
     p.add_argument("--ablation-budget", default="default")
+    p.add_argument("--ablation-variants", nargs="+", default=None, metavar="NAME",
+                   help="only these ablation variants (default: all; see ablation_variants)")
     p.add_argument("--base-model", default="cnn-mnist", help="registered base model name")
     p.add_argument("--base-budget", default="default", help="budget whose pretraining config "
                    "creates the base model when the registry has none (default: %(default)s)")
@@ -844,6 +847,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         budgets[GENERAL] = args.general_budget
     if args.ablations:
         variants = dict(ablation_variants(args.ablation_budget))
+        if args.ablation_variants:
+            unknown = set(args.ablation_variants) - set(variants)
+            if unknown:
+                p.error(f"unknown --ablation-variants {sorted(unknown)}; choose from {sorted(variants)}")
+            variants = {k: v for k, v in variants.items() if k in args.ablation_variants}
         if args.optimizer or args.overrides or args.budget != args.ablation_budget:
             # The variants' point of comparison: the unmodified config at their budget.
             variants = {"as-configured": {}, **variants}

@@ -20,7 +20,7 @@ from lopt.l3rs import L3RSConfig
 from lopt.models import STARTS, ModelSpec
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
-ESTIMATORS = ("es", "tbptt")
+ESTIMATORS = ("es", "tbptt", "backprop")
 MNIST_LOW = (0, 1, 2, 3, 4)
 MNIST_HIGH = (5, 6, 7, 8, 9)
 
@@ -50,8 +50,9 @@ class MetaTrainConfig:
     # "pretrained" (the specialized optimizer) or "scratch": unrolls train a freshly
     # initialized model of the architecture, giving a general optimizer (benchmarks only).
     start: str = "pretrained"
-    # "es" (antithetic ES, num_pairs × sigma) or "tbptt" (truncated backprop,
-    # num_tasks windows of `truncation` steps per estimate).
+    # "es" (antithetic ES, num_pairs × sigma), "backprop" (the exact gradient of each of
+    # num_tasks whole unrolls) or "tbptt" (truncated backprop, num_tasks windows of
+    # `truncation` steps per estimate); see lopt.truncated_backprop.
     estimator: str = "es"
     truncation: int = 20
     num_tasks: int = 4

@@ -174,9 +174,10 @@ def make_estimator(
     """The configured gradient estimator, drawing each meta-step's horizon from the config."""
 
     def for_horizon(horizon: int) -> GradientEstimator:
-        if cfg.estimator == "tbptt":
+        if cfg.estimator in ("tbptt", "backprop"):
+            truncation = horizon if cfg.estimator == "backprop" else min(cfg.truncation, horizon)
             return TruncatedBackprop(
-                l3rs, spec, pretrained, family, horizon, cfg.batch_size, cfg.truncation,
+                l3rs, spec, pretrained, family, horizon, cfg.batch_size, truncation,
                 cfg.num_tasks, start=cfg.start,
             )
         objective = FinalValidationLoss(

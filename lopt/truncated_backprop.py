@@ -1,16 +1,22 @@
-"""Truncated backpropagation: a gradient estimator that differentiates through a short window.
+"""Backpropagation through fine-tuning unrolls: whole (``backprop``) or truncated (``tbptt``).
 
 The second estimator behind :class:`lopt.meta_training.GradientEstimator` (the first is
-antithetic ES). Each estimate draws a task from the family, trains a fresh head with θ held
+antithetic ES). Each sample draws a task from the family, trains a fresh head with θ held
 constant for a random number of steps (no gradient), then runs ``truncation`` more steps with
 θ differentiable and backpropagates the log validation loss at the window's end through them.
+With ``truncation == horizon`` the window is the whole unroll and the sample is the exact
+gradient of the meta-objective ES estimates (:class:`lopt.meta_training.FinalValidationLoss`)
+for that task.
 
-What it trades: it sees θ's effect on ``truncation`` steps only (biased toward greedy,
-short-horizon behaviour, the classic truncation bias), but its gradient has no sampling noise
-in θ-space, so one estimate can be worth many ES pairs when the window is informative. The
-window's position is random so that every part of the schedule (t/T) gets gradient signal.
-Divergence is contained as in ES: the loss is clipped, and a non-finite gradient counts as
-zero.
+What it trades: a short window sees θ's effect on ``truncation`` steps only (biased toward
+greedy, short-horizon behaviour, the classic truncation bias); the whole unroll has no bias
+and costs ~4 unrolls of memory-light reverse mode per task. Neither has ES's sampling noise in
+θ-space, which grows with the number of meta-parameters: at the untrained θ here (390
+meta-parameters, T = 200), two independent whole-unroll estimates from 2 tasks each have a
+mean cosine of 0.39, two 8-pair ES estimates 0.007. Single tasks disagree (cosine ≈ 0 between
+two tasks' gradients), so an estimate averages several. A short window's position is random
+so that every part of the schedule (t/T) gets gradient signal. Divergence is contained as in
+ES: the loss is clipped, and a non-finite gradient counts as zero.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lopt.l3rs import L3RS, MetaParams
-from lopt.meta_training import Estimate, average_estimates, clipped_log
+from lopt.meta_training import Estimate, clipped_log, estimate_on_devices
 from lopt.models import ModelSpec, Params, model_fn, starting_params
 from lopt.tasks import TaskFamily
 from lopt.training import evaluate, make_train_step
@@ -32,7 +38,7 @@ class TruncatedBackprop:
     """∇θ of ``log(val loss)`` after a ``truncation``-step window of a ``horizon``-step run.
 
     ``num_tasks`` windows (each its own task, head, data and position) are averaged per
-    estimate, one after another.
+    estimate; they run concurrently, one per local device (as ES pairs do).
     """
 
     l3rs: L3RS
@@ -51,7 +57,7 @@ class TruncatedBackprop:
             raise ValueError(
                 f"truncation must be in [1, horizon={self.horizon}], got {self.truncation}."
             )
-        object.__setattr__(self, "_estimate", jax.jit(self._estimate_impl))
+        object.__setattr__(self, "_sample_fn", jax.jit(self._sample))
 
     def window_loss(self, theta: MetaParams, key: jax.Array) -> jax.Array:
         task_key, head_key, data_key, start_key = jax.random.split(key, 4)
@@ -74,14 +80,10 @@ class TruncatedBackprop:
         loss, _ = evaluate(apply, params, val)
         return clipped_log(loss, self.max_log_loss)
 
-    def _estimate_impl(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        def one(key):
-            value, grad = jax.value_and_grad(self.window_loss)(theta, key)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
-            grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
-            return grad, value
-
-        return average_estimates(*jax.lax.map(one, jax.random.split(key, self.num_tasks)))
+    def _sample(self, theta: MetaParams, key: jax.Array) -> tuple[MetaParams, jax.Array]:
+        value, grad = jax.value_and_grad(self.window_loss)(theta, key)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
+        return jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad), value
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        return self._estimate(theta, key)
+        return estimate_on_devices(self._sample_fn, theta, jax.random.split(key, self.num_tasks))

@@ -108,7 +108,7 @@ def _reference_direction(name, grads_seq, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
     params = _params()
-    config = L3RSConfig(base_learning_rate=0.01)
+    config = L3RSConfig(base_learning_rate=0.01, schedule="constant")
     l3rs = L3RS(config, LayerLayout.from_params(params))
     scale = 0.5
     opt = l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
@@ -134,6 +134,39 @@ def test_untrained_optimizer_is_a_sensible_adam():
     assert np.all(np.asarray(controls.mixing_coefficients)[:, adam] > 0.5)
     lr = np.asarray(controls.learning_rates) / config.base_learning_rate
     assert np.all((lr > 0.8) & (lr < 1.25))
+
+
+def test_cosine_prior_decays_the_step_size_over_the_horizon():
+    """With the MLP's outputs constant, λ follows the cosine prior: 1 at the first step, half
+    at mid-horizon, ~0 at the last step and after it (and the constant prior stays at 1)."""
+    params = _params()
+    grads = _grads(params, 0)
+
+    def relative_rates(schedule: str, steps: int, horizon: int = 8) -> np.ndarray:
+        config = L3RSConfig(base_learning_rate=0.01, schedule=schedule)
+        l3rs = L3RS(config, LayerLayout.from_params(params))
+        theta = constant_meta_params(l3rs, "adam")
+        opt = l3rs.opt_fn(theta, num_steps=horizon)
+        state = opt.init(params)
+        rates = []
+        for _ in range(steps):
+            _, state = opt.update(grads, state, params, value=jnp.float32(1.0))
+            rates.append(l3rs.controls_for_state(theta, state, horizon).learning_rates[0] / 0.01)
+        return np.asarray(rates)
+
+    cosine = relative_rates("cosine", 10)
+    np.testing.assert_allclose(cosine[[0, 4]], [1.0, 0.5], rtol=1e-6)
+    assert np.all(np.diff(cosine[:8]) < 0) and cosine[7] < 0.04
+    np.testing.assert_allclose(cosine[8:], 0.0, atol=1e-7)  # past the horizon
+    np.testing.assert_allclose(relative_rates("constant", 10), 1.0, rtol=1e-6)
+
+
+def test_optimizers_saved_without_a_schedule_keep_the_constant_one():
+    saved = {k: v for k, v in L3RSConfig().to_json().items() if k != "schedule"}
+    assert L3RSConfig.from_json(saved).schedule == "constant"
+    assert L3RSConfig.from_json(L3RSConfig().to_json()) == L3RSConfig()
+    with pytest.raises(ValueError, match="Unknown schedule"):
+        L3RSConfig(schedule="linear")
 
 
 def test_learning_rate_schedule_depends_on_time_and_horizon():
