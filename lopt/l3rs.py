@@ -18,9 +18,11 @@ Design choices, and why:
   is at most ``λ_l``. The mixture is computed as scalar coefficients ``−λ_l μ_{p,l} / rms``
   times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
 * **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
-  ``λ_l = base_learning_rate · s(t/T) · exp(o_0)`` and ``μ_{·,l} = softmax(o_1..o_P)``, where
-  ``s`` is a fixed schedule prior (``schedule``: cosine decay from 1 to 0 over the horizon, or
-  constant 1) that the MLP modulates per layer and step. Its inputs are
+  ``λ_l = base_learning_rate · (T_ref / T)^γ · s(t/T) · exp(o_0)`` and
+  ``μ_{·,l} = softmax(o_1..o_P)``, where ``s`` is a fixed schedule prior (``schedule``: cosine
+  decay from 1 to 0 over the horizon, or constant 1) and ``(T_ref / T)^γ`` a fixed horizon
+  prior (``reference_horizon``, ``horizon_exponent``), both of which the MLP modulates per
+  layer and step. Its inputs are
   a learned per-layer embedding; time features ``t/T`` and ``log T`` (so a longer horizon
   stretches the schedule, and the peak step size may depend on the horizon); and moving
   averages, at several timescales, of the loss, the layer's gradient norm and the layer's
@@ -34,7 +36,12 @@ Design choices, and why:
   2e-3), 0.1579 cosine at 1e-3, **0.1544 cosine at 1.4e-3**, 0.1615 cosine at 2e-3; tuned
   Adam reaches 0.169 (constant, 4e-3) and 0.166 (cosine, 8e-3) there. A larger step for the
   fresh head, which helps Adam (0.161 at 10×), hurts here (0.18 at 3×): per-layer
-  normalization already gives the small head tensor a relatively larger step.
+  normalization already gives the small head tensor a relatively larger step. Longer
+  fine-tuning of a pretrained model on small data wants a smaller peak step (tuned baselines
+  halve their learning rate per doubling of T on the meta-training task), and the untrained
+  optimizer overfit at 4T without it: on the family at T = 800 the loss is 0.2559 at the
+  T = 200 step size, 0.2110 at ½, **0.1649 at ¼** and 0.1674 at ⅛, hence γ = 1 around
+  ``T_ref = 200``.
 
 The split between meta-parameters and the optimizer follows learned_optimization:
 :meth:`L3RS.init` draws meta-parameters θ (a small pytree of arrays), :meth:`L3RS.opt_fn`
@@ -151,8 +158,11 @@ class L3RSConfig:
     embedding_dim: int = 4
     hidden_size: int = 16
     base_learning_rate: float = 1.4e-3
-    # The prior s(t/T) on the step size that the MLP modulates (module docstring).
+    # The priors (T_ref / T)^γ · s(t/T) on the step size that the MLP modulates (module
+    # docstring); base_learning_rate is the peak step at T = reference_horizon.
     schedule: str = "cosine"
+    reference_horizon: int = 200
+    horizon_exponent: float = 1.0
     # The untrained optimizer prefers this direction with softmax weight ~0.65 for 5 directions.
     init_direction: str = "adam"
     init_direction_logit: float = 2.0
@@ -168,6 +178,8 @@ class L3RSConfig:
             raise ValueError(
                 f"init_direction {self.init_direction!r} is not among directions {list(self.directions)}."
             )
+        if self.reference_horizon < 1:
+            raise ValueError(f"reference_horizon must be a positive number of steps, got {self.reference_horizon}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}.")
         if not all(0.0 < d < 1.0 for d in self.ema_decays):
@@ -188,8 +200,9 @@ class L3RSConfig:
         if unknown:
             raise ValueError(f"Unknown L3RS config fields {sorted(unknown)}.")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        # Optimizers saved before the schedule prior existed had none: keep their behaviour.
+        # Optimizers saved before the priors existed had none: keep their behaviour.
         kwargs.setdefault("schedule", "constant")
+        kwargs.setdefault("horizon_exponent", 0.0)
         return cls(**kwargs)
 
 
@@ -320,20 +333,26 @@ class L3RS:
         )
 
     def controls(self, theta: MetaParams, features: jax.Array) -> Controls:
-        """The shared MLP: features ``[L, F]`` to step sizes ``λ`` and mixtures ``μ``."""
-        c = self.config
+        """The shared MLP: features ``[L, F]`` to step sizes ``λ`` (before the priors) and
+        mixtures ``μ``."""
         mlp = theta["mlp"]
         hidden = jnp.tanh(features @ mlp["w1"] + mlp["b1"])
         out = hidden @ mlp["w2"] + mlp["b2"]
-        prior = 1.0
-        if c.schedule == "cosine":
-            # The progress feature t/T (see `features`), clipped: past the horizon it stays 0.
-            progress = jnp.clip(features[0, c.embedding_dim], 0.0, 1.0)
-            prior = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         return Controls(
-            learning_rates=c.base_learning_rate * prior * jnp.exp(out[:, 0]),
+            learning_rates=self.config.base_learning_rate * jnp.exp(out[:, 0]),
             mixing_coefficients=jax.nn.softmax(out[:, 1:], axis=-1),
         )
+
+    def step_size_prior(self, count: jax.Array, num_steps: int) -> jax.Array:
+        """``(T_ref / T)^γ · s(t/T)``, the fixed factor the MLP's step sizes are multiplied by
+        at step ``count`` (1 for the first) of a ``num_steps``-step run."""
+        c = self.config
+        prior = jnp.float32((c.reference_horizon / num_steps) ** c.horizon_exponent)
+        if c.schedule == "cosine":
+            # Clipped: past the horizon the prior stays at 0, as a cosine schedule does.
+            progress = jnp.clip(_progress(count.astype(jnp.float32), num_steps), 0.0, 1.0)
+            prior = prior * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return prior
 
     def base_directions(
         self, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates, count: jax.Array
@@ -433,7 +452,9 @@ class L3RS:
 
     def controls_for_state(self, theta: MetaParams, state: L3RSState, num_steps: int) -> Controls:
         """The controls the optimizer uses after reaching ``state`` (also for analysis/plots)."""
-        return self.controls(theta, self.features(theta, state, num_steps))
+        controls = self.controls(theta, self.features(theta, state, num_steps))
+        prior = self.step_size_prior(state.count, num_steps)
+        return controls._replace(learning_rates=controls.learning_rates * prior)
 
 
 def constant_meta_params(

@@ -254,7 +254,7 @@ def meta_train(
         start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
         bar = tqdm(
             range(first_step, num_steps), initial=first_step, total=num_steps,
-            desc="meta-train (ES)", unit="step", disable=not progress,
+            desc="meta-train", unit="step", disable=not progress,
         )
         for step in bar:
             # The step's key depends on the step alone: a resumed run draws what a whole run would.

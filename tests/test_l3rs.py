@@ -108,7 +108,7 @@ def _reference_direction(name, grads_seq, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
     params = _params()
-    config = L3RSConfig(base_learning_rate=0.01, schedule="constant")
+    config = L3RSConfig(base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0)
     l3rs = L3RS(config, LayerLayout.from_params(params))
     scale = 0.5
     opt = l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
@@ -126,10 +126,11 @@ def test_untrained_optimizer_is_a_sensible_adam():
     config = L3RSConfig()
     l3rs = L3RS(config, LayerLayout.from_params(params))
     theta = l3rs.init(jax.random.key(3))
-    opt = l3rs.opt_fn(theta, num_steps=100)
+    horizon = config.reference_horizon  # the first step of a run of this length: prior 1
+    opt = l3rs.opt_fn(theta, num_steps=horizon)
     state = opt.init(params)
     _, state = opt.update(_grads(params, 0), state, params, value=jnp.float32(2.0))
-    controls = l3rs.controls_for_state(theta, state, 100)
+    controls = l3rs.controls_for_state(theta, state, horizon)
     adam = config.directions.index("adam")
     assert np.all(np.asarray(controls.mixing_coefficients)[:, adam] > 0.5)
     lr = np.asarray(controls.learning_rates) / config.base_learning_rate
@@ -143,7 +144,7 @@ def test_cosine_prior_decays_the_step_size_over_the_horizon():
     grads = _grads(params, 0)
 
     def relative_rates(schedule: str, steps: int, horizon: int = 8) -> np.ndarray:
-        config = L3RSConfig(base_learning_rate=0.01, schedule=schedule)
+        config = L3RSConfig(base_learning_rate=0.01, schedule=schedule, horizon_exponent=0.0)
         l3rs = L3RS(config, LayerLayout.from_params(params))
         theta = constant_meta_params(l3rs, "adam")
         opt = l3rs.opt_fn(theta, num_steps=horizon)
@@ -161,9 +162,18 @@ def test_cosine_prior_decays_the_step_size_over_the_horizon():
     np.testing.assert_allclose(relative_rates("constant", 10), 1.0, rtol=1e-6)
 
 
-def test_optimizers_saved_without_a_schedule_keep_the_constant_one():
-    saved = {k: v for k, v in L3RSConfig().to_json().items() if k != "schedule"}
-    assert L3RSConfig.from_json(saved).schedule == "constant"
+def test_horizon_prior_scales_the_peak_step_inversely_with_the_horizon():
+    params = _params()
+    l3rs = L3RS(L3RSConfig(reference_horizon=200, horizon_exponent=1.0), LayerLayout.from_params(params))
+    first_step = jnp.int32(1)
+    peaks = [float(l3rs.step_size_prior(first_step, t)) for t in (100, 200, 800)]
+    np.testing.assert_allclose(peaks, [2.0, 1.0, 0.25], rtol=1e-6)
+
+
+def test_optimizers_saved_without_priors_keep_their_behaviour():
+    saved = {k: v for k, v in L3RSConfig().to_json().items() if k not in ("schedule", "horizon_exponent")}
+    old = L3RSConfig.from_json(saved)
+    assert (old.schedule, old.horizon_exponent) == ("constant", 0.0)
     assert L3RSConfig.from_json(L3RSConfig().to_json()) == L3RSConfig()
     with pytest.raises(ValueError, match="Unknown schedule"):
         L3RSConfig(schedule="linear")

@@ -128,6 +128,21 @@ def test_es_rejects_bad_settings():
         AntitheticES(_quadratic, num_pairs=0, sigma=0.1)
 
 
+def test_backprop_estimator_differentiates_whole_unrolls_at_every_horizon():
+    from lopt import steps
+    from lopt.config import get_config
+    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.truncated_backprop import TruncatedBackprop
+
+    pretrained = models.init_params(SPEC, jax.random.key(0))
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(pretrained))
+    for estimator, expected in (("backprop", {10: 10, 40: 40}), ("tbptt", {10: 10, 40: 20})):
+        cfg = get_config("tiny", {"meta_train": {"estimator": estimator, "horizons": [10, 40], "truncation": 20}}).meta_train
+        made = steps.make_estimator(cfg, l3rs, SPEC, pretrained, family=None)
+        assert all(isinstance(e, TruncatedBackprop) for e in made.estimators.values())
+        assert {h: e.truncation for h, e in made.estimators.items()} == expected
+
+
 def test_truncated_backprop_gives_a_finite_gradient_that_descends():
     import numpy as onp
 
