@@ -202,7 +202,8 @@ def meta_train_optimizer(
     reason: str = "",
     variant: str = "",
 ) -> dict[str, Any]:
-    """Meta-trains L3RS for the base model with antithetic ES; writes it to ``output_dir``.
+    """Meta-trains L3RS for the base model with the configured estimator (antithetic ES by
+    default); writes it to ``output_dir``.
 
     Checkpoints go to ``checkpoint_dir`` (default: under ``$LOPT_HOME/checkpoints``, named
     after the base model version and the config hash). With ``retrain`` false (the champion
