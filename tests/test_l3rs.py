@@ -162,12 +162,12 @@ def test_cosine_prior_decays_the_step_size_over_the_horizon():
     np.testing.assert_allclose(relative_rates("constant", 10), 1.0, rtol=1e-6)
 
 
-def test_horizon_prior_shrinks_the_peak_step_inversely_with_longer_horizons():
+def test_horizon_prior_scales_the_peak_step_inversely_with_the_horizon():
     params = _params()
     l3rs = L3RS(L3RSConfig(reference_horizon=200, horizon_exponent=1.0), LayerLayout.from_params(params))
     first_step = jnp.int32(1)
     peaks = [float(l3rs.step_size_prior(first_step, t)) for t in (100, 200, 800)]
-    np.testing.assert_allclose(peaks, [1.0, 1.0, 0.25], rtol=1e-6)  # shorter runs: not raised
+    np.testing.assert_allclose(peaks, [2.0, 1.0, 0.25], rtol=1e-6)
 
 
 def test_optimizers_saved_without_priors_keep_their_behaviour():
