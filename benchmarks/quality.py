@@ -808,6 +808,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.output = args.output or RESULTS / ("quality-quick.json" if quick else "quality.json")
     if any(t.name == args.reference_task.name for t in args.held_out):
         p.error(f"{args.reference_task.name} is the reference task; it cannot also be held out.")
+    known = ablation_variants(args.ablation_budget)
+    unknown = set(args.ablation_variants or ()) - set(known)
+    if unknown:
+        p.error(f"unknown --ablation-variants {sorted(unknown)}; choose from {sorted(known)}")
     return args
 
 
@@ -848,9 +852,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.ablations:
         variants = dict(ablation_variants(args.ablation_budget))
         if args.ablation_variants:
-            unknown = set(args.ablation_variants) - set(variants)
-            if unknown:
-                p.error(f"unknown --ablation-variants {sorted(unknown)}; choose from {sorted(variants)}")
             variants = {k: v for k, v in variants.items() if k in args.ablation_variants}
         if args.optimizer or args.overrides or args.budget != args.ablation_budget:
             # The variants' point of comparison: the unmodified config at their budget.

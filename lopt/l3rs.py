@@ -180,7 +180,9 @@ class L3RSConfig:
                 f"init_direction {self.init_direction!r} is not among directions {list(self.directions)}."
             )
         if self.reference_horizon < 1:
-            raise ValueError(f"reference_horizon must be a positive number of steps, got {self.reference_horizon}.")
+            raise ValueError(
+                f"reference_horizon must be a positive number of steps, got {self.reference_horizon}."
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}.")
         if not all(0.0 < d < 1.0 for d in self.ema_decays):
@@ -321,7 +323,8 @@ class L3RS:
         weight_feat = jnp.log(state.weight_norm_ema / correction + tiny) - jnp.log(
             weight_ref + tiny
         )
-        time_feat = jnp.stack([_progress(t, num_steps), jnp.log(jnp.asarray(num_steps, jnp.float32)) / 10.0])
+        log_horizon = jnp.log(jnp.asarray(num_steps, jnp.float32))
+        time_feat = jnp.stack([_progress(t, num_steps), log_horizon / 10.0])
         return jnp.concatenate(
             [
                 theta["layer_embeddings"],

@@ -118,7 +118,7 @@ class AntitheticES:
 
     @property
     def devices(self) -> list[jax.Device]:
-        return jax.local_devices()[: self.num_pairs]
+        return sample_devices(self.num_pairs)
 
     def _pair(self, theta: MetaParams, pair_key: jax.Array) -> tuple[MetaParams, jax.Array]:
         leaves, treedef = jax.tree.flatten(theta)
@@ -140,6 +140,11 @@ class AntitheticES:
         return estimate_on_devices(self._pair_fn, theta, jax.random.split(key, self.num_pairs))
 
 
+def sample_devices(num_samples: int) -> list[jax.Device]:
+    """The local devices ``num_samples`` samples are spread over (at most one per sample)."""
+    return jax.local_devices()[:num_samples]
+
+
 def estimate_on_devices(
     sample_fn: Callable[[MetaParams, jax.Array], tuple[MetaParams, jax.Array]],
     theta: MetaParams,
@@ -153,7 +158,7 @@ def estimate_on_devices(
     or a ``vmap`` over CNN unrolls (DESIGN.md §3). Every sample runs the same single-device
     program from its own key, so the estimate is bitwise the same on any number of devices.
     """
-    devices = jax.local_devices()[: len(keys)]
+    devices = sample_devices(len(keys))
     # Asynchronous dispatch: all samples are queued before any result is waited for.
     results = [
         sample_fn(*jax.device_put((theta, keys[i]), devices[i % len(devices)]))
