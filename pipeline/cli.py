@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+CACHE_MIN_COMPILE_SECONDS = "0"
+
 
 def _home(path: str | None) -> Path:
     home = Path(path or os.environ.get("LOPT_HOME") or ".lopt").resolve()
@@ -61,6 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     use_all_cores()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The steps are separate processes that compile many of the same programs, as does every
+    # later run: JAX's persistent compilation cache (read from the environment) keeps them.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(home / "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", CACHE_MIN_COMPILE_SECONDS)
     from kfp import local
 
     from lopt import registry

@@ -4,9 +4,15 @@
 per work unit, handed out in collection order). The end-to-end runs take minutes, the rest
 seconds each, so they go first: each starts on its own worker at once and the short tests
 fill in around them, instead of one long run starting last and holding up the end.
+
+Every test process, and every pipeline step the end-to-end tests start, shares one JAX
+persistent compilation cache under ``.pytest_cache``: the suite compiles the same inner-training
+programs many times over (each pipeline step is a process of its own).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -23,3 +29,12 @@ def _rank(item: pytest.Item) -> tuple[int, int]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=_rank)  # stable: within a rank, the usual order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Through the environment: JAX reads it at import, which comes after this hook, and the
+    # pipeline steps (subprocesses) inherit it. A clean checkout starts with an empty cache.
+    if getattr(config, "cache", None) is not None:  # None under -p no:cacheprovider
+        cache = config.cache.mkdir("jax_compilation_cache")
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
