@@ -121,6 +121,25 @@ def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
         np.testing.assert_allclose(u, -0.01 * scale * e, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("direction", ["sign_momentum", "adam", "gradient"])
+def test_directions_with_exact_zeros_are_normalized_over_the_whole_layer(direction):
+    # Dead units give exactly-zero gradient entries at every step, so m is exactly 0 there;
+    # sign(m)'s mean square is then the fraction of nonzero entries, not 1.
+    params = _params()
+    config = L3RSConfig(base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0)
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    state = opt.init(params)
+    dead = lambda g: g.at[..., ::3].set(0.0)  # a third of each layer's last axis
+    grads_seq = [jax.tree.map(dead, _grads(params, s)) for s in range(3)]
+    for g in grads_seq:
+        updates, state = opt.update(g, state, params, value=jnp.float32(1.0))
+    expected = _reference_direction(direction, grads_seq)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        assert float(jnp.max(jnp.abs(u[..., ::3]))) == 0.0
+        np.testing.assert_allclose(u, -0.01 * e, rtol=2e-4, atol=1e-7)
+
+
 def test_untrained_optimizer_is_a_sensible_adam():
     params = _params()
     config = L3RSConfig()
