@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-CACHE_MIN_COMPILE_SECONDS = "0"
-
 
 def _home(path: str | None) -> Path:
     home = Path(path or os.environ.get("LOPT_HOME") or ".lopt").resolve()
@@ -59,14 +57,13 @@ def _variants(args: argparse.Namespace, budget: str, overrides: str) -> list[str
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = _home(args.home)
-    from lopt.host import use_all_cores
+    from lopt.host import use_all_cores, use_compilation_cache
 
     use_all_cores()
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The steps are separate processes that compile many of the same programs, as does every
-    # later run: JAX's persistent compilation cache (read from the environment) keeps them.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(home / "jax_cache"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", CACHE_MIN_COMPILE_SECONDS)
+    # later run.
+    use_compilation_cache(home / "jax_cache")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from kfp import local
 
     from lopt import registry

@@ -12,9 +12,9 @@ programs many times over (each pipeline step is a process of its own).
 
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from lopt.host import use_compilation_cache
 
 # Longest first: the local pipeline run, then the run against an MLflow server.
 FIRST = ("tests/test_pipeline.py::", "tests/test_mlflow_server.py::")
@@ -32,9 +32,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Through the environment: JAX reads it at import, which comes after this hook, and the
-    # pipeline steps (subprocesses) inherit it. A clean checkout starts with an empty cache.
+    # Inherited by the pipeline steps the end-to-end tests start. A clean checkout starts empty.
     if getattr(config, "cache", None) is not None:  # None under -p no:cacheprovider
-        cache = config.cache.mkdir("jax_compilation_cache")
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        use_compilation_cache(config.cache.mkdir("jax_compilation_cache"))
