@@ -52,7 +52,7 @@ from lopt import registry, steps  # noqa: E402
 from lopt.config import get_config  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
-from lopt.meta_training import FinalValidationLoss, meta_train  # noqa: E402
+from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.tasks import load_task_family  # noqa: E402
 
@@ -83,7 +83,7 @@ def run_variant(
     family = load_task_family(cfg.family, spec.input_shape)
     head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
-    estimator = steps.make_estimator(cfg, l3rs, spec, pretrained, family)
+    estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
     objective = jax.jit(FinalValidationLoss(l3rs, spec, pretrained, family, cfg.horizon, cfg.batch_size))
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     theta = l3rs.init(init_key)

@@ -62,6 +62,9 @@ class MetaTrainConfig:
     meta_steps: int = 60
     num_pairs: int = 4
     sigma: float = 0.05
+    # ES pairs (or backprop tasks) vmap-ed into one compiled program; None chooses by platform:
+    # one on CPU (one device per core instead), a device's whole share on an accelerator.
+    samples_per_program: int | None = None
     # Outer Adam moves every coordinate by ~this per meta-step whatever the signal; an 8-pair ES
     # estimate at ~400 meta-parameters is mostly noise (benchmarks/README.md, estimators.py),
     # and at 1e-2 the default budget's 60 steps random-walked θ off its good start.

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,9 @@ from lopt.l3rs import L3RS, MetaParams
 from lopt.models import ModelSpec, Params, model_fn, starting_params
 from lopt.tasks import TaskFamily
 from lopt.training import unroll
+
+if TYPE_CHECKING:
+    from lopt.config import MetaTrainConfig
 
 
 class Estimate(NamedTuple):
@@ -94,31 +98,33 @@ class AntitheticES:
     full unroll; ``(f⁺ − f⁻) / (2σ) · ε`` averaged over pairs estimates ∇θ of the Gaussian-
     smoothed objective.
 
-    Pairs run concurrently, one per local device (:func:`estimate_on_devices`). (A
-    ``shard_map`` over a device mesh was tried: XLA compiles the partitioned program
-    differently, and 200 training steps amplify the rounding differences into visibly
-    different losses.)
+    Pairs are spread over the local devices (:func:`estimate_on_devices`), with
+    ``samples_per_program`` pairs ``vmap``-ed into each compiled program (``None``: chosen
+    by platform, :func:`samples_per_program`). On CPU that is one pair per program and one
+    device per core. (A ``shard_map`` over a device mesh was tried: XLA compiles the
+    partitioned program differently, and 200 training steps amplify the rounding differences
+    into visibly different losses.)
 
     Its variance grows with the number of meta-parameters over the number of pairs: measured
     here at the untrained θ (390 meta-parameters, T = 200), two independent 8-pair estimates
     have a mean cosine of 0.007, i.e. almost no signal per meta-step, while whole-unroll
-    backpropagation (:mod:`lopt.truncated_backprop`) gets 0.39 from 2 tasks.
+    backpropagation (:mod:`lopt.truncated_backprop`) gets 0.39 from 2 tasks. An accelerator,
+    where hundreds of pairs cost little more than one, is what ES needs.
     """
 
     objective: Callable[[MetaParams, jax.Array], jax.Array]
     num_pairs: int
     sigma: float
+    samples_per_program: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_pairs < 1 or self.sigma <= 0:
             raise ValueError(
                 f"ES needs num_pairs >= 1 and sigma > 0, got {self.num_pairs}, {self.sigma}."
             )
-        object.__setattr__(self, "_pair_fn", jax.jit(self._pair))
-
-    @property
-    def devices(self) -> list[jax.Device]:
-        return sample_devices(self.num_pairs)
+        per_program = samples_per_program(self.samples_per_program, self.num_pairs)
+        object.__setattr__(self, "samples_per_program", per_program)
+        object.__setattr__(self, "_sample_fn", sample_program(self._pair, per_program))
 
     def _pair(self, theta: MetaParams, pair_key: jax.Array) -> tuple[MetaParams, jax.Array]:
         leaves, treedef = jax.tree.flatten(theta)
@@ -127,51 +133,95 @@ class AntitheticES:
         eps = jax.tree.unflatten(
             treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, leaves)]
         )
-        # θ ± σε as a batch of two, mapped in sequence: one unroll in the compiled program
-        # instead of two halves the compile time.
         antithetic = jax.tree.map(
             lambda t, e: jnp.stack([t + self.sigma * e, t - self.sigma * e]), theta, eps
         )
-        plus, minus = jax.lax.map(lambda th: self.objective(th, task_key), antithetic)
+        objective = lambda th: self.objective(th, task_key)  # noqa: E731
+        if self.samples_per_program == 1:
+            # θ ± σε mapped in sequence: one unroll in the compiled program instead of two
+            # halves the compile time, and on CPU a batch of two is no faster than two runs.
+            plus, minus = jax.lax.map(objective, antithetic)
+        else:
+            # Vectorized pairs (an accelerator): both signs in the batch too.
+            plus, minus = jax.vmap(objective)(antithetic)
         scale = (plus - minus) / (2.0 * self.sigma)
         return jax.tree.map(lambda e: scale * e, eps), (plus + minus) / 2.0
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        return estimate_on_devices(self._pair_fn, theta, jax.random.split(key, self.num_pairs))
+        return estimate_on_devices(
+            self._sample_fn, theta, jax.random.split(key, self.num_pairs), self.samples_per_program
+        )
 
 
-def sample_devices(num_samples: int) -> list[jax.Device]:
-    """The local devices ``num_samples`` samples are spread over (at most one per sample)."""
-    return jax.local_devices()[:num_samples]
+SampleFn = Callable[[MetaParams, jax.Array], tuple[MetaParams, jax.Array]]
+"""``sample(θ, key) -> (gradient estimate, objective value)`` of one ES pair or one task."""
+
+
+def samples_per_program(requested: int | None, num_samples: int) -> int:
+    """How many samples one compiled program ``vmap``-s: ``requested`` (at most
+    ``num_samples``), or by platform when ``None``.
+
+    On CPU, one: a ``vmap`` over copies of a CNN costs ~40× one copy there (DESIGN.md §3), so
+    samples run one per program, concurrently on one XLA device per core. On an accelerator,
+    each device's whole share: one small unroll leaves a GPU idle between kernel launches, and a
+    batch of hundreds costs about as much wall time as one.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"samples_per_program must be >= 1 (or None: by platform), got {requested}.")
+        return min(requested, num_samples)
+    if jax.default_backend() == "cpu":
+        return 1
+    return -(-num_samples // len(jax.local_devices()))
+
+
+def sample_program(sample_fn: SampleFn, per_program: int) -> SampleFn:
+    """``sample_fn`` compiled for :func:`estimate_on_devices`: as it is for one sample per
+    program, else ``vmap``-ed over a leading axis of keys (θ shared)."""
+    if per_program == 1:
+        return jax.jit(sample_fn)
+    return jax.jit(jax.vmap(sample_fn, in_axes=(None, 0)))
+
+
+def sample_devices(num_programs: int) -> list[jax.Device]:
+    """The local devices ``num_programs`` programs are spread over (at most one per program)."""
+    return jax.local_devices()[:num_programs]
 
 
 def estimate_on_devices(
-    sample_fn: Callable[[MetaParams, jax.Array], tuple[MetaParams, jax.Array]],
+    program: SampleFn,
     theta: MetaParams,
     keys: jax.Array,
+    per_program: int = 1,
 ) -> Estimate:
-    """Averages ``sample_fn(θ, key) -> (gradient, objective)`` over ``keys``, the samples
-    dispatched round-robin to the local devices.
+    """Averages ``sample(θ, key) -> (gradient, objective)`` over ``keys``, ``per_program``
+    samples per call of ``program`` (from :func:`sample_program`), the calls dispatched
+    round-robin to the local devices.
 
     On CPU, with one XLA device per core (:func:`lopt.host.use_all_cores`), the samples run
     concurrently, one per core, which is faster than one program XLA threads over the cores
     or a ``vmap`` over CNN unrolls (DESIGN.md §3). Every sample runs the same single-device
     program from its own key, so the estimate is bitwise the same on any number of devices.
     """
-    devices = sample_devices(len(keys))
-    # Asynchronous dispatch: all samples are queued before any result is waited for.
+    chunks = [keys[i : i + per_program] for i in range(0, len(keys), per_program)]
+    if per_program == 1:
+        chunks = [chunk[0] for chunk in chunks]
+    devices = sample_devices(len(chunks))
+    # Asynchronous dispatch: all programs are queued before any result is waited for.
     results = [
-        sample_fn(*jax.device_put((theta, keys[i]), devices[i % len(devices)]))
-        for i in range(len(keys))
+        program(*jax.device_put((theta, chunk), devices[i % len(devices)]))
+        for i, chunk in enumerate(chunks)
     ]
-    return _combine(jax.device_put(results, devices[0]))
+    return _combine(jax.device_put(results, devices[0]), batched=per_program > 1)
 
 
-@jax.jit
-def _combine(results: list[tuple[MetaParams, jax.Array]]) -> Estimate:
-    """The mean of the samples' gradients, with the objective's mean and spread as metrics."""
-    gradient = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *[g for g, _ in results])
-    values = jnp.stack([v for _, v in results])
+@functools.partial(jax.jit, static_argnames="batched")
+def _combine(results: list[tuple[MetaParams, jax.Array]], batched: bool) -> Estimate:
+    """The mean of the samples' gradients, with the objective's mean and spread as metrics.
+    ``batched``: each result holds a leading axis of samples."""
+    join = jnp.concatenate if batched else jnp.stack
+    gradient = jax.tree.map(lambda *g: jnp.mean(join(g), axis=0), *[g for g, _ in results])
+    values = join([v for _, v in results])
     return Estimate(
         gradient=gradient,
         metrics={
@@ -198,6 +248,31 @@ class RandomHorizon:
         horizon = horizons[int(jax.random.randint(choice_key, (), 0, len(horizons)))]
         estimate = self.estimators[horizon](theta, key)
         return Estimate(estimate.gradient, {**estimate.metrics, "horizon": horizon})
+
+
+def make_estimator(
+    cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily
+) -> GradientEstimator:
+    """The estimator ``cfg`` configures (:class:`lopt.config.MetaTrainConfig`), drawing each
+    meta-step's horizon from ``cfg.horizons``."""
+    from lopt.truncated_backprop import TruncatedBackprop  # It builds on this module.
+
+    def for_horizon(horizon: int) -> GradientEstimator:
+        if cfg.estimator in ("tbptt", "backprop"):
+            truncation = horizon if cfg.estimator == "backprop" else min(cfg.truncation, horizon)
+            return TruncatedBackprop(
+                l3rs, spec, pretrained, family, horizon, cfg.batch_size, truncation,
+                cfg.num_tasks, start=cfg.start, samples_per_program=cfg.samples_per_program,
+            )
+        objective = FinalValidationLoss(
+            l3rs, spec, pretrained, family, horizon, cfg.batch_size, start=cfg.start
+        )
+        return AntitheticES(
+            objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma,
+            samples_per_program=cfg.samples_per_program,
+        )
+
+    return RandomHorizon({h: for_horizon(h) for h in cfg.horizons or (cfg.horizon,)})
 
 
 class MetaTrainResult(NamedTuple):

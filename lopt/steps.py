@@ -36,17 +36,10 @@ from lopt.hub import (
 )
 from lopt.hub import load_optimizer as load_registered_optimizer
 from lopt.l3rs import L3RS, LayerLayout
-from lopt.meta_training import (
-    AntitheticES,
-    FinalValidationLoss,
-    GradientEstimator,
-    RandomHorizon,
-    meta_train,
-)
+from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train
 from lopt.models import ModelSpec, Params, with_fresh_head
 from lopt.serialization import load_optimizer, save_optimizer
 from lopt.tasks import TaskFamily, load_task, load_task_family
-from lopt.truncated_backprop import TruncatedBackprop
 from lopt.lineage import code_version, data_hash
 from lopt.validation import PRIMARY, Checkpoint, validate
 
@@ -166,26 +159,6 @@ def _pretrain_and_register(name: str, config: RunConfig, tracking_uri: str | Non
             ),
             tracking_uri=tracking_uri,
         )
-
-
-def make_estimator(
-    cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily
-) -> GradientEstimator:
-    """The configured gradient estimator, drawing each meta-step's horizon from the config."""
-
-    def for_horizon(horizon: int) -> GradientEstimator:
-        if cfg.estimator in ("tbptt", "backprop"):
-            truncation = horizon if cfg.estimator == "backprop" else min(cfg.truncation, horizon)
-            return TruncatedBackprop(
-                l3rs, spec, pretrained, family, horizon, cfg.batch_size, truncation,
-                cfg.num_tasks, start=cfg.start,
-            )
-        objective = FinalValidationLoss(
-            l3rs, spec, pretrained, family, horizon, cfg.batch_size, start=cfg.start
-        )
-        return AntitheticES(objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma)
-
-    return RandomHorizon({h: for_horizon(h) for h in cfg.horizons or (cfg.horizon,)})
 
 
 def meta_train_optimizer(

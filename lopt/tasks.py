@@ -5,20 +5,26 @@ A task has three disjoint parts. ``train`` is what the inner optimizer trains on
 carved out of the dataset's train split and is what anything *selects* on (the meta-training
 objective, the baselines' learning-rate grid); ``test`` is the dataset's own test split and is
 only ever *reported*. Nothing is tuned on a split that is reported as held out.
+
+Only the loaders read datasets (through :mod:`lopt.data`, i.e. TFDS); a task or task family
+built from arrays needs nothing but JAX, so meta-training can run where TFDS is not installed
+(an accelerator machine given exported arrays, ``benchmarks/es_pairs.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt.data import ImageDataset, load_dataset
 from lopt.training import Split
+
+if TYPE_CHECKING:
+    from lopt.data import ImageDataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,7 @@ def load_task(
     split_seed: int = 0,
 ) -> Task:
     """Loads ``spec``'s data through TFDS and splits it into train / val / test."""
+    from lopt.data import load_dataset
     full_train = _prepare(load_dataset(spec.dataset, "train", data_dir), spec, input_shape)
     test = _prepare(load_dataset(spec.dataset, "test", data_dir), spec, input_shape)
     val, train = full_train.split(spec.val_fraction, seed=split_seed)
@@ -209,6 +216,7 @@ def load_task_family(
     split_seed: int = 0,
 ) -> TaskFamily:
     """Loads the family's dataset (train split only: its test split stays for reporting)."""
+    from lopt.data import load_dataset
     data = _prepare(load_dataset(spec.dataset, "train", data_dir), TaskSpec(spec.dataset, spec.classes), input_shape)
     if not 1 < spec.classes_per_task <= data.num_classes:
         raise ValueError(

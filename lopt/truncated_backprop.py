@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from lopt.l3rs import L3RS, MetaParams
-from lopt.meta_training import Estimate, clipped_log, estimate_on_devices
+from lopt.meta_training import (
+    Estimate,
+    clipped_log,
+    estimate_on_devices,
+    sample_program,
+    samples_per_program,
+)
 from lopt.models import ModelSpec, Params, model_fn, starting_params
 from lopt.tasks import TaskFamily
 from lopt.training import evaluate, make_train_step
@@ -38,7 +44,8 @@ class TruncatedBackprop:
     """∇θ of ``log(val loss)`` after a ``truncation``-step window of a ``horizon``-step run.
 
     ``num_tasks`` windows (each its own task, head, data and position) are averaged per
-    estimate; they run concurrently, one per local device (as ES pairs do).
+    estimate; they are spread over the local devices and ``samples_per_program`` of them
+    ``vmap``-ed into each program, as ES pairs are (:class:`lopt.meta_training.AntitheticES`).
     """
 
     l3rs: L3RS
@@ -51,13 +58,16 @@ class TruncatedBackprop:
     num_tasks: int = 4
     max_log_loss: float = 3.0
     start: str = "pretrained"
+    samples_per_program: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.truncation <= self.horizon:
             raise ValueError(
                 f"truncation must be in [1, horizon={self.horizon}], got {self.truncation}."
             )
-        object.__setattr__(self, "_sample_fn", jax.jit(self._sample))
+        per_program = samples_per_program(self.samples_per_program, self.num_tasks)
+        object.__setattr__(self, "samples_per_program", per_program)
+        object.__setattr__(self, "_sample_fn", sample_program(self._sample, per_program))
 
     def window_loss(self, theta: MetaParams, key: jax.Array) -> jax.Array:
         task_key, head_key, data_key, start_key = jax.random.split(key, 4)
@@ -86,4 +96,6 @@ class TruncatedBackprop:
         return jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad), value
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        return estimate_on_devices(self._sample_fn, theta, jax.random.split(key, self.num_tasks))
+        return estimate_on_devices(
+            self._sample_fn, theta, jax.random.split(key, self.num_tasks), self.samples_per_program
+        )

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from lopt import models
     from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
-    from lopt.meta_training import AntitheticES, FinalValidationLoss, meta_train
+    from lopt.meta_training import AntitheticES, FinalValidationLoss, meta_train, sample_devices
     from lopt.tasks import TaskFamily, TaskFamilySpec
 
     spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
                         key=jax.random.key(3), progress=False)
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
     np.save(sys.argv[1], np.stack([flat(estimate.gradient), flat(result.theta)]))
-    print(len(es.devices))
+    print(len(sample_devices(es.num_pairs)))
     """
 )
 

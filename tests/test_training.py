@@ -111,6 +111,30 @@ def test_antithetic_es_estimates_the_gradient():
     assert set(estimate.metrics) == {"objective", "objective_std", "gradient_norm"}
 
 
+@pytest.mark.parametrize("per_program", [2, 3, 8])
+def test_vectorized_es_gives_the_per_pair_estimate(per_program):
+    # The same pairs (keys, noise, tasks) vmap-ed into programs of `per_program` pairs, the
+    # last one short when it does not divide: the same estimate and metrics as one per program.
+    theta = {"x": jnp.zeros(4), "y": jnp.ones((2, 3))}
+    one = AntitheticES(_quadratic, num_pairs=8, sigma=0.05, samples_per_program=1)
+    vectorized = AntitheticES(_quadratic, num_pairs=8, sigma=0.05, samples_per_program=per_program)
+    assert (one.samples_per_program, vectorized.samples_per_program) == (1, per_program)
+    expected, got = one(theta, jax.random.key(3)), vectorized(theta, jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_samples_per_program_is_one_on_cpu_unless_asked():
+    from lopt.meta_training import samples_per_program
+
+    assert jax.default_backend() == "cpu"
+    assert samples_per_program(None, 64) == 1
+    assert samples_per_program(16, 64) == 16
+    assert samples_per_program(128, 64) == 64
+    with pytest.raises(ValueError, match="samples_per_program"):
+        samples_per_program(0, 64)
+
+
 def test_meta_train_descends_and_reports_every_step():
     theta = {"x": jnp.zeros(4), "y": jnp.ones((2, 3))}
     seen = []
@@ -129,16 +153,16 @@ def test_es_rejects_bad_settings():
 
 
 def test_backprop_estimator_differentiates_whole_unrolls_at_every_horizon():
-    from lopt import steps
     from lopt.config import get_config
     from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.meta_training import make_estimator
     from lopt.truncated_backprop import TruncatedBackprop
 
     pretrained = models.init_params(SPEC, jax.random.key(0))
     l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(pretrained))
     for estimator, expected in (("backprop", {10: 10, 40: 40}), ("tbptt", {10: 10, 40: 20})):
         cfg = get_config("tiny", {"meta_train": {"estimator": estimator, "horizons": [10, 40], "truncation": 20}}).meta_train
-        made = steps.make_estimator(cfg, l3rs, SPEC, pretrained, family=None)
+        made = make_estimator(cfg, l3rs, SPEC, pretrained, family=None)
         assert all(isinstance(e, TruncatedBackprop) for e in made.estimators.values())
         assert {h: e.truncation for h, e in made.estimators.items()} == expected
 
