@@ -33,6 +33,7 @@ optimizer directories after every evaluation, so a run cut short keeps what it m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -55,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
-from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train  # noqa: E402
+from lopt.meta_training import AntitheticES, FinalValidationLoss, make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.serialization import load_model, save_model, save_optimizer  # noqa: E402
 from lopt.tasks import TaskFamily, TaskFamilySpec  # noqa: E402
@@ -106,49 +107,82 @@ def remaining(args: argparse.Namespace) -> float:
     return args.stop_by - (time.perf_counter() - STARTED)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass
+class Setup:
+    """What ``train`` and ``probe`` share: the config with ``--pairs``, the optimizer's
+    architecture, its start θ and the meta-validation of a θ at T and 4T."""
+
+    config: Any
+    l3rs: L3RS
+    spec: Any
+    pretrained: Any
+    family: TaskFamily
+    base_uri: str
+    theta: MetaParams
+    train_key: jax.Array
+    eval_horizons: tuple[int, ...]
+    meta_val: dict[int, Any]
+    keys: jax.Array
+
+    @property
+    def cfg(self) -> Any:
+        return self.config.meta_train
+
+    def evaluate(self, theta: MetaParams) -> dict[str, float]:
+        return {f"meta_val_loss@{h}": float(jnp.mean(jnp.exp(f(theta, self.keys)))) for h, f in self.meta_val.items()}
+
+    def score(self, point: dict[str, Any]) -> float:
+        """The mean log meta-val loss over the evaluated horizons (lower is better)."""
+        return sum(math.log(point[f"meta_val_loss@{h}"]) for h in self.eval_horizons) / len(self.eval_horizons)
+
+    def report(self, args: argparse.Namespace, benchmark: str) -> dict[str, Any]:
+        return {
+            "benchmark": benchmark,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv,
+            "budget": args.budget,
+            "config": self.config.to_json(),
+            "base_model_uri": self.base_uri,
+            "family": self.family.spec.name,
+            "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(self.theta)),
+            "devices": [str(d) for d in jax.devices()],
+            "versions": {"python": platform.python_version(), "jax": jax.__version__},
+            "eval_tasks": args.eval_tasks,
+            "eval_horizons": list(self.eval_horizons),
+        }
+
+
+def setup(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Setup:
     jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: CPU's numerics
     spec, pretrained, family, base_uri = load_inputs(args.inputs)
-    overrides = merge_overrides(parse_overrides(args.overrides), {"meta_train": {"num_pairs": args.pairs}})
-    if args.outer_lr is not None:
-        overrides = merge_overrides(overrides, {"meta_train": {"outer_learning_rate": args.outer_lr}})
+    overrides = merge_overrides(parse_overrides(args.overrides), {"meta_train": {"num_pairs": args.pairs, **(extra or {})}})
     config = get_config(args.budget, overrides)
     cfg = config.meta_train
     head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
-    estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    theta = l3rs.init(init_key)
     eval_horizons = (cfg.horizon, 4 * cfg.horizon)
-    keys = jax.random.split(jax.random.key(EVAL_SEED), args.eval_tasks)
     meta_val = {
         h: jax.jit(jax.vmap(FinalValidationLoss(l3rs, spec, pretrained, family, h, cfg.batch_size), in_axes=(None, 0)))
         for h in eval_horizons
     }
+    keys = jax.random.split(jax.random.key(EVAL_SEED), args.eval_tasks)
+    return Setup(config, l3rs, spec, pretrained, family, base_uri, l3rs.init(init_key), train_key,
+                 eval_horizons, meta_val, keys)
 
-    def evaluate(theta: MetaParams) -> dict[str, float]:
-        return {f"meta_val_loss@{h}": float(jnp.mean(jnp.exp(f(theta, keys)))) for h, f in meta_val.items()}
 
-    def score(point: dict[str, Any]) -> float:
-        return sum(math.log(point[f"meta_val_loss@{h}"]) for h in eval_horizons) / len(eval_horizons)
-
-    report: dict[str, Any] = {
-        "benchmark": "es_pairs",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "budget": args.budget,
-        "config": config.to_json(),
-        "base_model_uri": base_uri,
-        "family": family.spec.name,
-        "num_meta_parameters": sum(int(x.size) for x in jax.tree.leaves(theta)),
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    run = setup(args, {} if args.outer_lr is None else {"outer_learning_rate": args.outer_lr})
+    config, cfg, l3rs, theta, train_key = run.config, run.cfg, run.l3rs, run.theta, run.train_key
+    spec, pretrained, family, base_uri = run.spec, run.pretrained, run.family, run.base_uri
+    evaluate, score = run.evaluate, run.score
+    estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
+    report = run.report(args, "es_pairs")
+    report.update({
         "samples_per_program": {h: e.samples_per_program for h, e in estimator.estimators.items()},
-        "devices": [str(d) for d in jax.devices()],
-        "versions": {"python": platform.python_version(), "jax": jax.__version__},
-        "eval_tasks": args.eval_tasks,
-        "eval_horizons": list(eval_horizons),
         "points": [],
         "full_config_timing": None,
-    }
+    })
     args.output.mkdir(parents=True, exist_ok=True)
 
     def record(point: dict[str, Any], theta: MetaParams) -> None:
@@ -191,6 +225,58 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     report["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
     (args.output / "es_pairs.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     print(json.dumps({"best": report["best"], "full_config_timing": report["full_config_timing"]}, indent=1))
+    return report
+
+
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    """How much signal ES has at the start θ, and how much a step along it buys.
+
+    For each σ: ``--estimates`` independent ``--pairs``-pair estimates of the meta-gradient at
+    T (the start θ, fresh task draws each); the mean pairwise cosine of those estimates (the
+    fraction of an estimate's power that is signal) and the cosine between the means of their
+    two halves; then the meta-val loss at T and 4T after a step of each ``--steps`` size
+    (per-coordinate RMS) against the mean of all estimates.
+    """
+    run = setup(args)
+    report = run.report(args, "es_pairs.probe")
+    report["start"] = {**run.evaluate(run.theta)}
+    report["sigmas"] = {}
+    args.output.mkdir(parents=True, exist_ok=True)
+    flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    cosine = lambda a, b: float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))  # noqa: E731
+    print(f"start: {report['start']}", flush=True)
+    for sigma in args.sigmas:
+        if remaining(args) < 30:
+            print(f"no time left for sigma {sigma}", flush=True)
+            break
+        objective = FinalValidationLoss(run.l3rs, run.spec, run.pretrained, run.family, run.cfg.horizon, run.cfg.batch_size)
+        es = AntitheticES(objective, num_pairs=args.pairs, sigma=sigma)
+        t0 = time.perf_counter()
+        estimates = [es(run.theta, jax.random.fold_in(jax.random.key(7), i)).gradient for i in range(args.estimates)]
+        grads = jnp.stack([flat(g) for g in estimates])
+        seconds = time.perf_counter() - t0
+        n = len(estimates)
+        pairwise = [cosine(grads[i], grads[j]) for i in range(n) for j in range(i + 1, n)]
+        half = n // 2
+        mean = jnp.mean(grads, axis=0)
+        result: dict[str, Any] = {
+            "seconds_with_compilation": round(seconds, 1),
+            "mean_pairwise_cosine": float(np.mean(pairwise)),
+            "halves_cosine": cosine(jnp.mean(grads[:half], axis=0), jnp.mean(grads[half:], axis=0)),
+            "pairs_per_half": half * args.pairs,
+            "mean_gradient_rms": float(jnp.sqrt(jnp.mean(mean ** 2))),
+            "steps": {},
+        }
+        mean_tree = jax.tree.map(lambda *gs: jnp.mean(jnp.stack(gs), axis=0), *estimates)
+        rms = result["mean_gradient_rms"]
+        for step in args.steps:
+            theta = jax.tree.map(lambda t, g: t - step * g / rms, run.theta, mean_tree)
+            result["steps"][str(step)] = run.evaluate(theta)
+        report["sigmas"][str(sigma)] = result
+        print(f"sigma {sigma}: {json.dumps(result)}", flush=True)
+        (args.output / "es_probe.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    report["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
+    (args.output / "es_probe.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
 
 
@@ -248,10 +334,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--overrides", default="", help="JSON config overrides on top of the budget")
     t.add_argument("--outer-lr", type=float, default=None, help="outer Adam learning rate (default: config)")
     t.add_argument("--output", type=Path, default=RESULTS / "es_pairs")
+    q = sub.add_parser("probe", help="ES signal at the start θ and a line search along it")
+    q.add_argument("inputs", type=Path)
+    q.add_argument("--pairs", type=int, default=512, help="ES pairs per estimate")
+    q.add_argument("--estimates", type=int, default=8, help="independent estimates per sigma")
+    q.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.2])
+    q.add_argument("--steps", type=float, nargs="+", default=[0.03, 0.1, 0.3], help="per-coordinate RMS step sizes")
+    q.add_argument("--stop-by", type=float, default=300.0, help="wall seconds since start to finish by")
+    q.add_argument("--eval-tasks", type=int, default=32, help="meta-validation task draws")
+    q.add_argument("--budget", default="full")
+    q.add_argument("--overrides", default="", help="JSON config overrides on top of the budget")
+    q.add_argument("--output", type=Path, default=RESULTS / "es_pairs")
     args = p.parse_args(argv)
     if args.command == "export":
         args.inputs.mkdir(parents=True, exist_ok=True)
         export(args)
+    elif args.command == "probe":
+        probe(args)
     else:
         train(args)
 
