@@ -200,8 +200,10 @@ def estimate_on_devices(
 
     On CPU, with one XLA device per core (:func:`lopt.host.use_all_cores`), the samples run
     concurrently, one per core, which is faster than one program XLA threads over the cores
-    or a ``vmap`` over CNN unrolls (DESIGN.md §3). Every sample runs the same single-device
-    program from its own key, so the estimate is bitwise the same on any number of devices.
+    or a ``vmap`` over CNN unrolls (DESIGN.md §3). Every chunk of samples runs the same
+    single-device program from its own keys, so for a given ``per_program`` the estimate is
+    bitwise the same on any number of devices. (``vmap``-ed chunks round differently from
+    single samples: ~1e-6 relative, see the tests.)
     """
     chunks = [keys[i : i + per_program] for i in range(0, len(keys), per_program)]
     if per_program == 1:
