@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt import registry
-from lopt.config import MetaTrainConfig, RunConfig, get_config, variant_label, with_variant
+from lopt.config import RunConfig, get_config, variant_label, with_variant
 from lopt.data import load_dataset
 from lopt.evaluation import pretrain, trace_controls
 from lopt.hub import (
@@ -39,7 +39,7 @@ from lopt.l3rs import L3RS, LayerLayout
 from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train
 from lopt.models import ModelSpec, Params, with_fresh_head
 from lopt.serialization import load_optimizer, save_optimizer
-from lopt.tasks import TaskFamily, load_task, load_task_family
+from lopt.tasks import load_task, load_task_family
 from lopt.lineage import code_version, data_hash
 from lopt.validation import PRIMARY, Checkpoint, validate
 
