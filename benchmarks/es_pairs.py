@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))  # The device machine runs the checkout, not an in
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
@@ -82,8 +83,8 @@ def export(args: argparse.Namespace) -> None:
     save_model(args.inputs / "model", spec, pretrained, {"base_model_uri": base["base_model_uri"]})
     np.savez_compressed(args.inputs / "family.npz", train=np.asarray(family.train), val=np.asarray(family.val))
     (args.inputs / "family.json").write_text(json.dumps(
-        {"spec": family.spec.to_json(), "content_hash": family.content_hash, "version": family.version,
-         "base_model_uri": base["base_model_uri"]}, indent=1,
+        {"spec": family.spec.to_json(), "content_hash": family.content_hash, "version": family.version},
+        indent=1,
     ))
     print(f"wrote {args.inputs}: {base['base_model_uri']}, family {family.spec.name} "
           f"train {family.train.shape} val {family.val.shape}")
@@ -173,10 +174,8 @@ def setup(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Setu
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     run = setup(args, {} if args.outer_lr is None else {"outer_learning_rate": args.outer_lr})
-    config, cfg, l3rs, theta, train_key = run.config, run.cfg, run.l3rs, run.theta, run.train_key
-    spec, pretrained, family, base_uri = run.spec, run.pretrained, run.family, run.base_uri
-    evaluate, score = run.evaluate, run.score
-    estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
+    cfg = run.cfg
+    estimator = make_estimator(cfg, run.l3rs, run.spec, run.pretrained, run.family)
     report = run.report(args, "es_pairs")
     report.update({
         "samples_per_program": {h: e.samples_per_program for h, e in estimator.estimators.items()},
@@ -186,31 +185,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.output.mkdir(parents=True, exist_ok=True)
 
     def record(point: dict[str, Any], theta: MetaParams) -> None:
-        point["score"] = score(point)
+        point["score"] = run.score(point)
         report["points"].append(point)
         best = min(report["points"], key=lambda p: p["score"])
         report["best"] = best
         report["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
         extra = {"meta_training": {"benchmark": "es_pairs", "meta_steps": point["meta_steps"], "num_pairs": cfg.num_pairs},
-                 "base_model_uri": base_uri, "config_hash": config.hash()}
-        save_optimizer(args.output / "last", l3rs, theta, cfg.horizon, extra)
+                 "base_model_uri": run.base_uri, "config_hash": run.config.hash()}
+        save_optimizer(args.output / "last", run.l3rs, theta, cfg.horizon, extra)
         if best is point:
-            save_optimizer(args.output / "best", l3rs, theta, cfg.horizon, extra)
+            save_optimizer(args.output / "best", run.l3rs, theta, cfg.horizon, extra)
         (args.output / "es_pairs.json").write_text(json.dumps(report, indent=1, allow_nan=False))
         print(f"{point['meta_steps']:5d} meta-steps {point['seconds']:7.1f} s  "
               + "  ".join(f"{k} {v:.4f}" for k, v in point.items() if k.startswith("meta_val"))
               + f"  (wall {report['wall_seconds']:.0f} s)", flush=True)
 
     t0 = time.perf_counter()
-    record({"meta_steps": 0, "seconds": 0.0, **evaluate(theta)}, theta)
+    record({"meta_steps": 0, "seconds": 0.0, **run.evaluate(run.theta)}, run.theta)
     print(f"meta-val programs: {time.perf_counter() - t0:.1f} s with compilation", flush=True)
     done, seconds = 0, 0.0
     with tempfile.TemporaryDirectory() as checkpoints:
         while seconds < args.seconds and remaining(args) > args.reserve:
             done += args.eval_every
             result = meta_train(
-                estimator, theta, num_steps=done, learning_rate=cfg.outer_learning_rate,
-                key=train_key, progress=False, checkpoint_dir=checkpoints, checkpoint_every=args.eval_every,
+                estimator, run.theta, num_steps=done, learning_rate=cfg.outer_learning_rate,
+                key=run.train_key, progress=False, checkpoint_dir=checkpoints, checkpoint_every=args.eval_every,
             )
             seconds = result.seconds
             history = result.history[-args.eval_every:]
@@ -219,9 +218,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": round(seconds, 2),
                 "objective": float(np.mean([m["objective"] for m in history])),
                 "gradient_norm": float(np.mean([m["gradient_norm"] for m in history])),
-                **evaluate(result.theta),
+                **run.evaluate(result.theta),
             }, result.theta)
-    report["full_config_timing"] = time_config(args, l3rs, spec, pretrained, family)
+    report["full_config_timing"] = time_config(args, run.l3rs, run.spec, run.pretrained, run.family)
     report["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
     (args.output / "es_pairs.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     print(json.dumps({"best": report["best"], "full_config_timing": report["full_config_timing"]}, indent=1))
@@ -242,7 +241,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     report["start"] = {**run.evaluate(run.theta)}
     report["sigmas"] = {}
     args.output.mkdir(parents=True, exist_ok=True)
-    flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    _, unflatten = ravel_pytree(run.theta)
     cosine = lambda a, b: float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))  # noqa: E731
     print(f"start: {report['start']}", flush=True)
     for sigma in args.sigmas:
@@ -253,7 +252,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         es = AntitheticES(objective, num_pairs=args.pairs, sigma=sigma)
         t0 = time.perf_counter()
         estimates = [es(run.theta, jax.random.fold_in(jax.random.key(7), i)).gradient for i in range(args.estimates)]
-        grads = jnp.stack([flat(g) for g in estimates])
+        grads = jax.block_until_ready(jnp.stack([ravel_pytree(g)[0] for g in estimates]))
         seconds = time.perf_counter() - t0
         n = len(estimates)
         pairwise = [cosine(grads[i], grads[j]) for i in range(n) for j in range(i + 1, n)]
@@ -267,7 +266,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             "mean_gradient_rms": float(jnp.sqrt(jnp.mean(mean ** 2))),
             "steps": {},
         }
-        mean_tree = jax.tree.map(lambda *gs: jnp.mean(jnp.stack(gs), axis=0), *estimates)
+        mean_tree = unflatten(mean)
         rms = result["mean_gradient_rms"]
         for step in args.steps:
             theta = jax.tree.map(lambda t, g: t - step * g / rms, run.theta, mean_tree)
