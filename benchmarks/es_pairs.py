@@ -78,7 +78,7 @@ def export(args: argparse.Namespace) -> None:
     registry.end_run(base["run_id"], "FINISHED")
     _, pretrained, info = load_pretrained(base["base_model_uri"])
     spec = info["spec"]
-    cfg = get_config(args.budget).meta_train
+    cfg = get_config(args.budget, args.overrides).meta_train
     family = load_task_family(cfg.family, spec.input_shape)
     save_model(args.inputs / "model", spec, pretrained, {"base_model_uri": base["base_model_uri"]})
     np.savez_compressed(args.inputs / "family.npz", train=np.asarray(family.train), val=np.asarray(family.val))
@@ -102,6 +102,20 @@ def load_inputs(inputs: Path) -> tuple[Any, Any, TaskFamily, str]:
         meta["content_hash"], meta["version"],
     )
     return spec, jax.tree.map(jnp.asarray, pretrained), family, header["base_model_uri"]
+
+
+def with_spec(family: TaskFamily, spec: TaskFamilySpec) -> TaskFamily:
+    """The exported family's arrays sampled as the config's ``spec`` says: overrides of how
+    tasks are drawn (classes per task, transforms, train_per_class) apply; what the arrays
+    hold (dataset, class pool, validation fraction) must match the export."""
+    data = lambda s: (s.dataset, s.classes, s.val_fraction)
+    if data(spec) != data(family.spec):
+        raise SystemExit(
+            f"The config's family {spec.name} (val_fraction {spec.val_fraction}) is other data "
+            f"than the exported {family.spec.name} (val_fraction {family.spec.val_fraction}): "
+            "export again with the same budget and overrides."
+        )
+    return TaskFamily(spec, family.train, family.val, family.content_hash, family.version)
 
 
 def remaining(args: argparse.Namespace) -> float:
@@ -159,6 +173,7 @@ def setup(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Setu
     overrides = merge_overrides(parse_overrides(args.overrides), {"meta_train": {"num_pairs": args.pairs, **(extra or {})}})
     config = get_config(args.budget, overrides)
     cfg = config.meta_train
+    family = with_spec(family, cfg.family)
     head = with_fresh_head(spec, pretrained, family.num_classes, jax.random.key(0))
     l3rs = L3RS(cfg.l3rs, LayerLayout.from_params(head))
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
@@ -319,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     e = sub.add_parser("export", help="write the base model and family arrays (needs MLflow, TFDS)")
     e.add_argument("inputs", type=Path)
     e.add_argument("--budget", default="full")
+    e.add_argument("--overrides", default="", help="JSON config overrides on top of the budget (its family's data)")
     e.add_argument("--home", type=Path, default=RESULTS / "home")
     t = sub.add_parser("train", help="meta-train from exported inputs (JAX, optax, flax, orbax only)")
     t.add_argument("inputs", type=Path)

@@ -134,6 +134,12 @@ class TaskFamilySpec:
     ``max_shift`` pixels. With ``classes_per_task == len(classes)`` and no transform, every
     task is the same data with another head: a fixed task.
 
+    ``train_per_class = (low, high)`` also varies how much data a task has: it keeps a random
+    ``n`` of each class's training examples, ``n`` log-uniform in ``[low, high]`` (``None``:
+    all). New data arrive in different amounts, and the amount changes the step size a task
+    wants: at 200 steps of batch 64, 4× smaller for 40 examples per class than for 291
+    (benchmarks/README.md). The validation split stays whole.
+
     Held-out validation datasets must stay outside the family (e.g. no inversion here, since
     ``mnist_inverted`` is held out).
     """
@@ -145,11 +151,22 @@ class TaskFamilySpec:
     brightness: float = 0.15
     max_shift: int = 1
     val_fraction: float = 0.25
+    train_per_class: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_per_class is not None:
+            low, high = self.train_per_class
+            if not 1 <= low <= high:
+                raise ValueError(
+                    f"train_per_class must be (low, high) with 1 <= low <= high training examples "
+                    f"per class, got {list(self.train_per_class)}."
+                )
 
     @property
     def name(self) -> str:
         pool = "all" if self.classes is None else ",".join(map(str, self.classes))
-        return f"{self.dataset}[{self.classes_per_task} of {pool}]"
+        sizes = "" if self.train_per_class is None else ", {}-{} per class".format(*self.train_per_class)
+        return f"{self.dataset}[{self.classes_per_task} of {pool}{sizes}]"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +191,14 @@ class TaskFamily:
         """What data this is, for an optimizer version's lineage."""
         return {"name": self.spec.name, "tfds_version": self.version, "content_hash": self.content_hash}
 
+    def __post_init__(self) -> None:
+        available = self.train.shape[1]
+        if self.spec.train_per_class is not None and self.spec.train_per_class[1] > available:
+            raise ValueError(
+                f"{self.spec.name}: train_per_class asks for up to {self.spec.train_per_class[1]} "
+                f"training examples per class, but the family has {available}; lower the upper bound."
+            )
+
     @property
     def num_classes(self) -> int:
         """Classes of a sampled task (the size of its head)."""
@@ -188,15 +213,31 @@ class TaskFamily:
         brightness = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness)
         shift = jax.random.randint(k_shift, (2,), -s.max_shift, s.max_shift + 1)
 
-        def make(per_class: jax.Array) -> Split:
+        def make(per_class: jax.Array, keep: jax.Array | None = None) -> Split:
             images = per_class[classes]  # [k, n, H, W, C]
+            if keep is not None:
+                images = images[:, keep]
             k, n = images.shape[:2]
             images = images.reshape(k * n, *images.shape[2:])
             images = jnp.roll(images, (shift[0], shift[1]), axis=(1, 2))
             images = jnp.clip(contrast * (images - 0.5) + 0.5 + brightness, 0.0, 1.0)
             return Split(images, jnp.repeat(jnp.arange(k), n))
 
-        return make(self.train), make(self.val)
+        return make(self.train, self._kept_examples(key)), make(self.val)
+
+    def _kept_examples(self, key: jax.Array) -> jax.Array | None:
+        """Indices into each class's training examples: ``n`` random ones, repeated to fill
+        every slot, so the split keeps its static shape and a uniform minibatch over it is a
+        uniform minibatch over the ``n`` kept (``None`` without ``train_per_class``)."""
+        if self.spec.train_per_class is None:
+            return None
+        # A key of its own: tasks drawn without train_per_class stay exactly as before.
+        k_size, k_subset = jax.random.split(jax.random.fold_in(key, 1))
+        low, high = self.spec.train_per_class
+        log_n = jax.random.uniform(k_size, (), minval=jnp.log(low), maxval=jnp.log(high + 1.0))
+        n = jnp.clip(jnp.floor(jnp.exp(log_n)), low, high).astype(jnp.int32)
+        slots = self.train.shape[1]
+        return jax.random.permutation(k_subset, slots)[jnp.arange(slots) % n]
 
 
 def _per_class(dataset: ImageDataset) -> jax.Array:
