@@ -227,8 +227,9 @@ class TaskFamily:
 
     def _kept_examples(self, key: jax.Array) -> jax.Array | None:
         """Indices into each class's training examples: ``n`` random ones, repeated to fill
-        every slot, so the split keeps its static shape and a uniform minibatch over it is a
-        uniform minibatch over the ``n`` kept (``None`` without ``train_per_class``)."""
+        every slot (each fills ⌊slots/n⌋ or ⌈slots/n⌉), so the split keeps its static shape and
+        a uniform minibatch over it is a nearly uniform one over the ``n`` kept (``None``
+        without ``train_per_class``)."""
         if self.spec.train_per_class is None:
             return None
         # A key of its own: tasks drawn without train_per_class stay exactly as before.
