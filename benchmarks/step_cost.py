@@ -73,17 +73,24 @@ class Optimizer:
     takes_value: bool
 
 
-def make_optimizers(params: Any, horizon: int, ablation: bool) -> list[Optimizer]:
-    def l3rs(directions: tuple[str, ...]) -> optax.GradientTransformationExtraArgs:
-        method = L3RS(L3RSConfig(directions=directions), LayerLayout.from_params(params))
+def make_optimizers(
+    params: Any, horizon: int, ablation: bool, control_intervals: tuple[int, ...] = ()
+) -> list[Optimizer]:
+    def l3rs(**overrides: Any) -> optax.GradientTransformationExtraArgs:
+        config = dataclasses.replace(L3RSConfig(), **overrides)
+        method = L3RS(config, LayerLayout.from_params(params))
         return method.opt_fn(method.init(jax.random.key(1, impl="rbg")), num_steps=horizon)
 
     optimizers = [
         Optimizer("adam", optax.adam(1e-3), takes_value=False),
-        Optimizer("l3rs", l3rs(L3RSConfig().directions), takes_value=True),
+        Optimizer("l3rs", l3rs(), takes_value=True),
     ]
     if ablation:
-        optimizers.append(Optimizer("l3rs_3dir", l3rs(ABLATION_DIRECTIONS), takes_value=True))
+        optimizers.append(Optimizer("l3rs_3dir", l3rs(directions=ABLATION_DIRECTIONS), takes_value=True))
+    for interval in control_intervals:
+        optimizers.append(
+            Optimizer(f"l3rs_every{interval}", l3rs(control_interval=interval), takes_value=True)
+        )
     return optimizers
 
 
@@ -163,7 +170,7 @@ def bench_config(
         jnp.asarray(rng.integers(0, spec.num_classes, size=pool_size), jnp.int32),
     )
     inputs = {"python loop": (pool[0][:batch_size], pool[1][:batch_size])}
-    optimizers = make_optimizers(params, args.horizon, args.ablation)
+    optimizers = make_optimizers(params, args.horizon, args.ablation, tuple(args.control_intervals))
     runners, carries, compile_s, nbytes = {}, {}, {}, {}
 
     def prepare(opt: Optimizer, regime: str) -> float:
@@ -307,6 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation", action="store_true",
                         help="also time L3RS with only the directions adam, momentum, gradient "
                         "(two more compilations per model and batch size)")
+    parser.add_argument("--control-intervals", nargs="*", type=int, default=[],
+                        help="also time L3RS refreshing its controller every N steps "
+                        "(L3RSConfig.control_interval), one variant per N")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial parameters and the data")
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)

@@ -223,8 +223,7 @@ def _trace_controls(theta, params, train, key, *, l3rs, model_fn, horizon, batch
 
     def step(carry, step_key):
         carry, _ = train_step(carry, step_key)
-        # The controls computed from the state after this step's update are the ones it used.
-        return carry, l3rs.controls_for_state(theta, carry[1], horizon)
+        return carry, l3rs.controls_in_effect(carry[1], horizon)
 
     _, controls = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, horizon))
     return controls

@@ -26,6 +26,7 @@ CONFIGS = {
     "default": L3RSConfig(),
     "three_directions": L3RSConfig(directions=("adam", "momentum", "gradient")),
     "one_decay": L3RSConfig(ema_decays=(0.5,), embedding_dim=2, hidden_size=4),
+    "refresh_every_step": L3RSConfig(control_interval=1),
 }
 
 
@@ -108,7 +109,10 @@ def _reference_direction(name, grads_seq, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
     params = _params()
-    config = L3RSConfig(base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0)
+    # Refreshing every step: each update is exactly normalized.
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=1
+    )
     l3rs = L3RS(config, LayerLayout.from_params(params))
     scale = 0.5
     opt = l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
@@ -126,7 +130,10 @@ def test_directions_with_exact_zeros_are_normalized_over_the_whole_layer(directi
     # Dead units give exactly-zero gradient entries at every step, so m is exactly 0 there;
     # sign(m)'s mean square is then the fraction of nonzero entries, not 1.
     params = _params()
-    config = L3RSConfig(base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0)
+    # Refreshing every step: each update is exactly normalized.
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=1
+    )
     l3rs = L3RS(config, LayerLayout.from_params(params))
     opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
     state = opt.init(params)
@@ -149,7 +156,7 @@ def test_untrained_optimizer_is_a_sensible_adam():
     opt = l3rs.opt_fn(theta, num_steps=horizon)
     state = opt.init(params)
     _, state = opt.update(_grads(params, 0), state, params, value=jnp.float32(2.0))
-    controls = l3rs.controls_for_state(theta, state, horizon)
+    controls = l3rs.controls_in_effect(state, horizon)
     adam = config.directions.index("adam")
     assert np.all(np.asarray(controls.mixing_coefficients)[:, adam] > 0.5)
     lr = np.asarray(controls.learning_rates) / config.base_learning_rate
@@ -171,7 +178,7 @@ def test_cosine_prior_decays_the_step_size_over_the_horizon():
         rates = []
         for _ in range(steps):
             _, state = opt.update(grads, state, params, value=jnp.float32(1.0))
-            rates.append(l3rs.controls_for_state(theta, state, horizon).learning_rates[0] / 0.01)
+            rates.append(l3rs.controls_in_effect(state, horizon).learning_rates[0] / 0.01)
         return np.asarray(rates)
 
     cosine = relative_rates("cosine", 10)
@@ -190,12 +197,15 @@ def test_horizon_prior_scales_the_peak_step_inversely_with_the_horizon():
 
 
 def test_optimizers_saved_without_priors_keep_their_behaviour():
-    saved = {k: v for k, v in L3RSConfig().to_json().items() if k not in ("schedule", "horizon_exponent")}
+    new_fields = ("schedule", "horizon_exponent", "control_interval")
+    saved = {k: v for k, v in L3RSConfig().to_json().items() if k not in new_fields}
     old = L3RSConfig.from_json(saved)
-    assert (old.schedule, old.horizon_exponent) == ("constant", 0.0)
+    assert (old.schedule, old.horizon_exponent, old.control_interval) == ("constant", 0.0, 1)
     assert L3RSConfig.from_json(L3RSConfig().to_json()) == L3RSConfig()
     with pytest.raises(ValueError, match="Unknown schedule"):
         L3RSConfig(schedule="linear")
+    with pytest.raises(ValueError, match="control_interval"):
+        L3RSConfig(control_interval=0)
 
 
 def test_learning_rate_schedule_depends_on_time_and_horizon():
@@ -203,11 +213,97 @@ def test_learning_rate_schedule_depends_on_time_and_horizon():
     params = _params()
     l3rs = L3RS(L3RSConfig(init_output_scale=1.0), LayerLayout.from_params(params))
     theta = l3rs.init(jax.random.key(0))
-    opt = l3rs.opt_fn(theta, num_steps=10)
-    _, state = opt.update(_grads(params, 0), opt.init(params), params, value=jnp.float32(1.0))
-    short = l3rs.controls_for_state(theta, state, 10).learning_rates
-    long = l3rs.controls_for_state(theta, state, 1000).learning_rates
-    assert not np.allclose(short, long)
+
+    def first_rates(horizon: int) -> np.ndarray:
+        opt = l3rs.opt_fn(theta, num_steps=horizon)
+        _, state = opt.update(_grads(params, 0), opt.init(params), params, value=jnp.float32(1.0))
+        return np.asarray(state.controls.learning_rates)  # before the priors
+
+    assert not np.allclose(first_rates(10), first_rates(1000))
+
+
+def test_controller_refreshes_every_control_interval_steps():
+    """With control_interval k, the MLP's controls and the direction normalizers change only
+    at steps 1, k + 1, 2k + 1, ...; in between, the same mixture scales the current directions."""
+    params = _params()
+    config = L3RSConfig(control_interval=3, init_output_scale=1.0)
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps=20)
+    state = opt.init(params)
+    rates, inverse_rms = [], []
+    for step in range(7):
+        _, state = opt.update(_grads(params, step), state, params, value=jnp.float32(1.0 / (step + 1)))
+        rates.append(np.asarray(state.controls.learning_rates))
+        inverse_rms.append(np.asarray(state.inverse_rms))
+    for held in ([0, 1, 2], [3, 4, 5]):
+        for i in held[1:]:
+            np.testing.assert_array_equal(rates[i], rates[held[0]])
+            np.testing.assert_array_equal(inverse_rms[i], inverse_rms[held[0]])
+    for before, after in ((2, 3), (5, 6)):
+        assert not np.allclose(rates[before], rates[after])
+        assert not np.allclose(inverse_rms[before], inverse_rms[after])
+
+
+def test_refreshed_updates_match_every_step_control():
+    """With constant controls, refresh steps give exactly the every-step update, and the steps
+    in between its direction under the last refresh's normalizer."""
+    params = _params()
+
+    def updates(interval: int) -> list:
+        config = L3RSConfig(base_learning_rate=0.01, control_interval=interval)
+        l3rs = L3RS(config, LayerLayout.from_params(params))
+        opt = l3rs.opt_fn(constant_meta_params(l3rs, "adam"), num_steps=10)
+        state, out = opt.init(params), []
+        for step in range(5):
+            u, state = opt.update(_grads(params, step), state, params, value=jnp.float32(1.0))
+            out.append(u)
+        return out
+
+    every_step, every_third = updates(1), updates(3)
+    for step in range(5):
+        for a, b in zip(jax.tree.leaves(every_step[step]), jax.tree.leaves(every_third[step])):
+            if step in (0, 3):  # refreshes
+                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+            else:  # parallel, scaled by rms(now) / rms(at the refresh)
+                ratio = float(jnp.sum(a * b) / jnp.sum(a * a))
+                np.testing.assert_allclose(b, ratio * a, rtol=1e-5, atol=1e-9)
+                assert 0.1 < ratio < 10.0
+
+
+@pytest.mark.parametrize("direction", ["adam", "momentum", "sign_momentum"])
+def test_update_size_is_steady_between_refreshes_under_a_constant_gradient(direction):
+    """m's bias shrinks over the first steps; between refreshes it must not grow the step
+    (uncorrected, the adam direction's second step would be 1.9× its first)."""
+    params = _params()
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=4
+    )
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    state, grads = opt.init(params), _grads(params, 0)
+    for _ in range(6):
+        updates, state = opt.update(grads, state, params, value=jnp.float32(1.0))
+        for u in jax.tree.leaves(updates):
+            np.testing.assert_allclose(_rms(u), 0.01, rtol=1e-4)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_norm_features_are_bias_corrected_at_every_refresh(interval):
+    """Constant gradients and weights must read as constant (log-ratio 0 to the first step),
+    whatever the refresh interval: the norms' EMAs are corrected for the refreshes they had."""
+    params = _params()
+    config = L3RSConfig(control_interval=interval)
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    theta = l3rs.init(jax.random.key(0))
+    opt = l3rs.opt_fn(theta, num_steps=20)
+    state, grads = opt.init(params), _grads(params, 0)
+    num_decays = len(config.ema_decays)
+    norm_columns = slice(config.embedding_dim + 2 + num_decays, None)
+    for _ in range(2 * interval + 1):
+        _, state = opt.update(grads, state, params, value=jnp.float32(1.0))
+        features = l3rs.features(theta, state, 20)
+        # float32 rounding of 1 - 0.999^k is ~1e-5; a wrong correction is off by ~log(2).
+        np.testing.assert_allclose(features[:, norm_columns], 0.0, atol=1e-4)
 
 
 def test_layout_mismatch_names_the_layers_and_allows_a_new_head_size():
