@@ -187,7 +187,7 @@ class L3RSConfig:
     # Steps between refreshes of the controller (layer statistics, MLP, direction
     # normalizers); in between, the last refresh's controls scale the current directions under
     # the per-step prior (module docstring).
-    control_interval: int = 8
+    control_interval: int = 16
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.directions if d not in DIRECTIONS]
@@ -257,6 +257,8 @@ class L3RSState(NamedTuple):
       controls: the MLP's controls from the last refresh, before the step-size prior.
       inverse_rms: ``1 / rms(d)`` of every layer's base directions at the last refresh
         ``[L, P]``.
+      refresh_gradient_norms: each layer's gradient norm at the last refresh ``[L]``; no step
+        before the next refresh is larger than it would be with the refresh's gradient norm.
     """
 
     count: jax.Array
@@ -268,6 +270,7 @@ class L3RSState(NamedTuple):
     reference: jax.Array
     controls: Controls
     inverse_rms: jax.Array
+    refresh_gradient_norms: jax.Array
 
 
 # Added under square roots, which have an infinite derivative at 0: exact zeros occur (dead
@@ -483,6 +486,7 @@ class L3RS:
                     mixing_coefficients=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
                 ),
                 inverse_rms=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
+                refresh_gradient_norms=jnp.zeros(layout.num_layers, jnp.float32),
             )
 
         def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -504,8 +508,11 @@ class L3RS:
                 count=count, mu=mu, nu=nu, loss_ema=ema(decays, state.loss_ema, loss)
             )
 
+            # Every step: a layer's gradient norm is one reduction over its gradient, and bounds
+            # the step between refreshes (below).
+            grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
+
             def refresh() -> L3RSState:
-                grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
                 weight_norms = jnp.stack([_norm(p) for p in jax.tree.leaves(params)])
                 # Features are log-ratios to the first step's values, which become the reference.
                 current = jnp.concatenate([loss[None], grad_norms, weight_norms])
@@ -517,23 +524,25 @@ class L3RS:
                 return refreshed._replace(
                     controls=self.controls(theta, self.features(theta, refreshed, num_steps)),
                     inverse_rms=self.direction_inverse_rms(grads, mu, nu_hat()),
+                    refresh_gradient_norms=grad_norms,
                 )
 
+            refreshed_fields = (
+                "grad_norm_ema", "weight_norm_ema", "reference", "controls", "inverse_rms",
+                "refresh_gradient_norms",
+            )
             if c.control_interval == 1:
                 state = refresh()
             else:
                 # Only the small fields pass through the conditional: the moments stay outside,
                 # so neither branch copies a full-size array.
-                small = lambda s: (s.grad_norm_ema, s.weight_norm_ema, s.reference, s.controls, s.inverse_rms)
+                small = lambda s: tuple(getattr(s, f) for f in refreshed_fields)
                 refreshed = jax.lax.cond(
                     (count - 1) % c.control_interval == 0,
                     lambda: small(refresh()),
                     lambda: small(state),
                 )
-                state = state._replace(**dict(zip(
-                    ("grad_norm_ema", "weight_norm_ema", "reference", "controls", "inverse_rms"),
-                    refreshed,
-                )))
+                state = state._replace(**dict(zip(refreshed_fields, refreshed)))
 
             controls = self.controls_in_effect(state, num_steps)
             # Σ_p (−λ_l μ_{p,l} / rms(d_{p,l})) · d_{p,l}: scalars times element-wise
@@ -543,6 +552,9 @@ class L3RS:
                 * controls.mixing_coefficients
                 * state.inverse_rms
                 * self.momentum_correction(count)
+                # A gradient larger than at the refresh shrinks the whole step by the ratio, so
+                # a stale normalizer cannot turn a gradient spike into a step larger than λ.
+                * jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None]
             )
             leaves, treedef = jax.tree.flatten(grads)
             new_leaves = [

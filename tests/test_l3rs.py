@@ -287,6 +287,27 @@ def test_update_size_is_steady_between_refreshes_under_a_constant_gradient(direc
             np.testing.assert_allclose(_rms(u), 0.01, rtol=1e-4)
 
 
+@pytest.mark.parametrize("direction", ["adam", "momentum", "gradient", "rmsprop"])
+def test_a_gradient_spike_between_refreshes_does_not_enlarge_the_step(direction):
+    """Between refreshes the normalizers are stale; a gradient 100× the refresh's must still
+    give a step no larger than λ (uncapped, the gradient direction's would be 100× λ)."""
+    params = _params()
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=8
+    )
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    state, grads = opt.init(params), _grads(params, 0)
+    for step in range(4):
+        spike = 100.0 if step == 2 else 1.0
+        updates, state = opt.update(
+            jax.tree.map(lambda g: spike * g, grads), state, params, value=jnp.float32(1.0)
+        )
+        if spike > 1.0:
+            for u in jax.tree.leaves(updates):
+                assert _rms(u) <= 0.01 * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("interval", [1, 3])
 def test_norm_features_are_bias_corrected_at_every_refresh(interval):
     """Constant gradients and weights must read as constant (log-ratio 0 to the first step),
