@@ -13,9 +13,9 @@ Design choices, and why:
   ``v`` give five distinct directions for Adam's memory: ``adam`` (m̂/√v̂), ``momentum``
   (SGD-momentum, i.e. ``m``), ``gradient`` (g), ``rmsprop`` (g/√v̂) and ``sign_momentum``
   (sign(m), Lion-like). Keeping one copy of the moments keeps state bytes at Adam's.
-* **Each direction is normalized per layer to unit RMS** (``d̂``), so the mixing coefficients
-  compare like with like and ``λ_l`` alone sets the step's size: the RMS of a layer's update
-  is at most ``λ_l``. The mixture is computed as scalar coefficients ``−λ_l μ_{p,l} / rms``
+* **Each direction is normalized per layer to unit RMS** (``d̂``) at every refresh of the
+  controller (below), so the mixing coefficients compare like with like and ``λ_l`` alone sets
+  the step's size: at a refresh the RMS of a layer's update is at most ``λ_l``. The mixture is computed as scalar coefficients ``−λ_l μ_{p,l} / rms``
   times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
 * **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
   ``λ_l = base_learning_rate · (T_ref / T)^γ · s(t/T) · exp(o_0)`` and
@@ -44,21 +44,26 @@ Design choices, and why:
   ``T_ref = 200``; it holds on both sides: at T = 400, 0.1768 at the T = 200 step, **0.1582
   at ½**, 0.1658 at ¼; at T = 100, 0.1868 at the T = 200 step, **0.1689 at 2×**.
 
-* **The controller refreshes every ``control_interval`` steps (8)**: the layer statistics
+* **The controller refreshes every ``control_interval`` steps (16)**: the layer statistics
   (gradient and weight norms, whose EMAs then take one update of ``decay^interval``), the MLP
   and the directions' ``1 / rms`` normalizers. In between, the last refresh's per-layer,
-  per-direction scalars scale the current directions under the current step's prior (and a
-  scalar that undoes the growth of ``m``'s bias since the refresh), so such a step is Adam's
-  step with a few more element-wise terms in the same fused kernel: outside the refresh the
-  compiled step has 79 kernels, Adam's 77; refreshing every step, 229. The refresh is a
-  ``lax.cond`` that only the small per-layer arrays pass through; under ``vmap`` with a
-  batched step count it becomes a select and both branches run, as before. Between refreshes
-  a direction keeps its relative magnitude (a layer whose gradient shrinks takes smaller
-  steps until the next refresh), which the family prefers: mean final validation loss on the
-  family (16 draws, untrained θ) at T = 200 / 800 is 0.1538 / 0.1657 refreshing every step,
-  0.1525 / 0.1657 every 4, **0.1510 / 0.1644 every 8**, 0.1523 / 0.1645 every 16, 0.1545 /
-  0.1622 every 32. Step time, large CNN at batch 64, paired ratio to Adam: 1.17–1.25 every
-  step, 1.06–1.10 every 8 (``benchmarks/step_cost.py --control-intervals``).
+  per-direction scalars scale the current directions under the current step's prior, so such
+  a step is Adam's step with a few more element-wise terms in the same fused kernel, plus one
+  reduction per layer (its gradient norm): outside the refresh the compiled step has 79
+  kernels, Adam's 77; refreshing every step, 229. The refresh is a ``lax.cond`` that only the
+  small per-layer arrays pass through; under ``vmap`` with a batched step count it becomes a
+  select and both branches run, as before. Between refreshes a direction keeps its relative
+  magnitude (a layer whose gradient shrinks takes smaller steps until the next refresh), with
+  two corrections: a scalar undoes the growth of ``m``'s bias since the refresh (normalization
+  cancels it only at a refresh), and a gradient larger than the refresh's shrinks the step
+  by ``min(1, |g_refresh| / |g_t|)``, so no spike becomes a step larger than the refresh's.
+  Without that cap a spiky minibatch late in an overfitting run took a step sized by a
+  normalizer from a tiny gradient: on a small-data family (60–120 images per class) the
+  final validation loss at T = 800 was 0.559 refreshing every step and 1.97 every 8, and
+  with it 0.438 every 8, 0.415 every 16. On the meta-training family (16 draws, untrained θ),
+  T = 200 / 800: 0.1538 / 0.1657 every step, 0.1552 / 0.1607 every 4, 0.1541 / 0.1604
+  every 8, **0.1546 / 0.1590 every 16**. Step time, large CNN at batch 64: 1.2–1.3× Adam's
+  refreshing every step, ~1.1× every 8 or 16 (``benchmarks/step_cost.py``).
 
 The split between meta-parameters and the optimizer follows learned_optimization:
 :meth:`L3RS.init` draws meta-parameters θ (a small pytree of arrays), :meth:`L3RS.opt_fn`

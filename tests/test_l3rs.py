@@ -106,16 +106,22 @@ def _reference_direction(name, grads_seq, b1=0.9, b2=0.999, eps=1e-8):
     return jax.tree.map(lambda d: d / jnp.sqrt(jnp.mean(d * d)), out)
 
 
+def _one_direction_optimizer(params, direction, control_interval, scale=1.0):
+    """L3RS reduced to one normalized base direction at a constant step of ``0.01 · scale``."""
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0,
+        control_interval=control_interval,
+    )
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    return l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_mixture_is_the_normalized_base_optimizer(direction):
     params = _params()
-    # Refreshing every step: each update is exactly normalized.
-    config = L3RSConfig(
-        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=1
-    )
-    l3rs = L3RS(config, LayerLayout.from_params(params))
     scale = 0.5
-    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction, np.log(scale)), num_steps=10)
+    # Refreshing every step: each update is exactly normalized.
+    opt = _one_direction_optimizer(params, direction, control_interval=1, scale=scale)
     state = opt.init(params)
     grads_seq = [_grads(params, s) for s in range(4)]
     for g in grads_seq:
@@ -131,11 +137,7 @@ def test_directions_with_exact_zeros_are_normalized_over_the_whole_layer(directi
     # sign(m)'s mean square is then the fraction of nonzero entries, not 1.
     params = _params()
     # Refreshing every step: each update is exactly normalized.
-    config = L3RSConfig(
-        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=1
-    )
-    l3rs = L3RS(config, LayerLayout.from_params(params))
-    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    opt = _one_direction_optimizer(params, direction, control_interval=1)
     state = opt.init(params)
     dead = lambda g: g.at[..., ::3].set(0.0)  # a third of each layer's last axis
     grads_seq = [jax.tree.map(dead, _grads(params, s)) for s in range(3)]
@@ -275,11 +277,7 @@ def test_update_size_is_steady_between_refreshes_under_a_constant_gradient(direc
     """m's bias shrinks over the first steps; between refreshes it must not grow the step
     (uncorrected, the adam direction's second step would be 1.9× its first)."""
     params = _params()
-    config = L3RSConfig(
-        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=4
-    )
-    l3rs = L3RS(config, LayerLayout.from_params(params))
-    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    opt = _one_direction_optimizer(params, direction, control_interval=4)
     state, grads = opt.init(params), _grads(params, 0)
     for _ in range(6):
         updates, state = opt.update(grads, state, params, value=jnp.float32(1.0))
@@ -292,11 +290,7 @@ def test_a_gradient_spike_between_refreshes_does_not_enlarge_the_step(direction)
     """Between refreshes the normalizers are stale; a gradient 100× the refresh's must still
     give a step no larger than λ (uncapped, the gradient direction's would be 100× λ)."""
     params = _params()
-    config = L3RSConfig(
-        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=8
-    )
-    l3rs = L3RS(config, LayerLayout.from_params(params))
-    opt = l3rs.opt_fn(constant_meta_params(l3rs, direction), num_steps=10)
+    opt = _one_direction_optimizer(params, direction, control_interval=8)
     state, grads = opt.init(params), _grads(params, 0)
     for step in range(4):
         spike = 100.0 if step == 2 else 1.0
