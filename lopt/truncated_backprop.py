@@ -15,8 +15,9 @@ and costs ~4 unrolls of memory-light reverse mode per task. Neither has ES's sam
 meta-parameters, T = 200), two independent whole-unroll estimates from 2 tasks each have a
 mean cosine of 0.39, two 8-pair ES estimates 0.007. Single tasks disagree (cosine ≈ 0 between
 two tasks' gradients), so an estimate averages several. A short window's position is random
-so that every part of the schedule (t/T) gets gradient signal. Divergence is contained as in
-ES: the loss is clipped, and a non-finite gradient counts as zero.
+so that every part of the schedule (t/T) gets gradient signal; it begins at one of the
+controller's refreshes. Divergence is contained as in ES: the loss is clipped, and a
+non-finite gradient counts as zero.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class TruncatedBackprop:
         apply = model_fn(self.spec.with_num_classes(num_classes))
         params = starting_params(self.spec, self.pretrained, num_classes, head_key, self.start)
         keys = jax.random.split(data_key, self.horizon)
-        start = jax.random.randint(start_key, (), 0, self.horizon - self.truncation + 1)
+        # Windows begin at a refresh of the controller (L3RSConfig.control_interval): a window
+        # that began between refreshes would run on controls carried in from before it,
+        # constants to the gradient, and one shorter than the interval would get none at all.
+        interval = self.l3rs.config.control_interval
+        starts = (self.horizon - self.truncation) // interval + 1
+        start = interval * jax.random.randint(start_key, (), 0, starts)
 
         frozen = self.l3rs.opt_fn(jax.lax.stop_gradient(theta), self.horizon)
         prefix_step = make_train_step(apply, frozen, train, self.batch_size)
