@@ -15,8 +15,8 @@ Design choices, and why:
   (sign(m), Lion-like). Keeping one copy of the moments keeps state bytes at Adam's.
 * **Each direction is normalized per layer to unit RMS** (``d̂``) at every refresh of the
   controller (below), so the mixing coefficients compare like with like and ``λ_l`` alone sets
-  the step's size: at a refresh the RMS of a layer's update is at most ``λ_l``. The mixture is computed as scalar coefficients ``−λ_l μ_{p,l} / rms``
-  times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
+  the step's size: at a refresh the RMS of a layer's update is at most ``λ_l``. The mixture is
+  computed as scalar coefficients ``−λ_l μ_{p,l} / rms`` times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
 * **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
   ``λ_l = base_learning_rate · (T_ref / T)^γ · s(t/T) · exp(o_0)`` and
   ``μ_{·,l} = softmax(o_1..o_P)``, where ``s`` is a fixed schedule prior (``schedule``: cosine
@@ -284,6 +284,12 @@ class L3RSState(NamedTuple):
 _SQRT_FLOOR = 1e-30
 
 
+def _last_refresh(count: jax.Array, interval: int) -> jax.Array:
+    """The step (counted from 1) at which the controller last refreshed by step ``count``:
+    it refreshes at steps 1, 1 + interval, 1 + 2·interval, …"""
+    return jnp.floor((count - 1.0) / interval) * interval + 1.0
+
+
 def _progress(count: jax.Array, num_steps: int) -> jax.Array:
     """t/T of the step being taken: 0 at the first step (``count`` already counts it)."""
     return (count - 1.0) / num_steps
@@ -354,10 +360,10 @@ class L3RS:
         t = state.count.astype(jnp.float32)
         decays = jnp.asarray(c.ema_decays, jnp.float32)
         # EMAs start at zero; dividing by (1 - decay^t) removes that bias. The norms' EMAs
-        # take one update of decay^interval per refresh.
-        refreshes = jnp.floor((t - 1.0) / c.control_interval) + 1.0
+        # took one update of decay^interval per refresh: interval · refreshes steps' worth.
         loss_correction = 1.0 - jnp.power(decays, t)
-        norm_correction = 1.0 - jnp.power(decays, c.control_interval * refreshes)
+        norm_steps = _last_refresh(t, c.control_interval) - 1.0 + c.control_interval
+        norm_correction = 1.0 - jnp.power(decays, norm_steps)
         reference = state.reference
         tiny = 1e-12
         loss_feat = jnp.log(state.loss_ema / loss_correction + tiny) - jnp.log(reference[0] + tiny)
@@ -583,8 +589,7 @@ class L3RS:
         """
         c = self.config
         t = count.astype(jnp.float32)
-        refreshed_at = jnp.floor((t - 1.0) / c.control_interval) * c.control_interval + 1.0
-        correction = (1.0 - c.b1**refreshed_at) / (1.0 - c.b1**t)
+        correction = (1.0 - c.b1 ** _last_refresh(t, c.control_interval)) / (1.0 - c.b1**t)
         uses_m = jnp.asarray([d in ("adam", "momentum") for d in c.directions])
         return jnp.where(uses_m, correction, 1.0)
 
