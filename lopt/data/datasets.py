@@ -5,7 +5,9 @@ in [0, 1] and int32 labels, the format ``model_fn(params, images)`` takes. Every
 through TFDS from ``default_data_dir()``:
 
 * the offline datasets (``OFFLINE_DATASETS``, see :mod:`lopt.data.builders`) are prepared
-  there on first use, from data inside installed packages;
+  there on first use, from data inside installed packages (one, ``fashion_mnist_offline``,
+  from a Debian package that may be missing: :class:`DatasetUnavailableError` then says how
+  to install it);
 * any other TFDS dataset is read if it is already prepared there in the ArrayRecord format
   (e.g. ``tfds build mnist --file_format=array_record --data_dir DIR`` on a machine with
   network, then copy ``DIR``). Nothing here ever downloads: a dataset that is not prepared is
@@ -41,6 +43,13 @@ _READ_BATCH = 1024
 
 class DatasetNotFoundError(ValueError):
     """A dataset or split that is unknown, or not prepared where it is looked for."""
+
+
+class DatasetUnavailableError(DatasetNotFoundError):
+    """A known dataset whose data is not on this machine: an offline dataset whose source
+    package is not installed, or a TFDS dataset that is not prepared (preparing it needs the
+    network). Unlike a misspelt name, this is a matter of installing something, so a task
+    family drawing over several datasets may go on without it (with a warning)."""
 
 
 def lopt_home() -> pathlib.Path:
@@ -184,8 +193,11 @@ def load_dataset(
       data_dir: the TFDS data directory; default :func:`default_data_dir`.
 
     Raises:
-      DatasetNotFoundError: unknown dataset or split, or a dataset that is not prepared (and
-        cannot be prepared offline) or not in the ArrayRecord format.
+      DatasetUnavailableError: a dataset that is not prepared and cannot be prepared here (its
+        source package is missing, or preparing it needs the network); a
+        :class:`DatasetNotFoundError`.
+      DatasetNotFoundError: unknown dataset or split, or a dataset not in the ArrayRecord
+        format.
     """
     root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     return _load(name, split, str(root.expanduser().resolve()))
@@ -212,12 +224,14 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         return builder
     if not isinstance(builder, builders.OfflineImageBuilder):
-        raise DatasetNotFoundError(
+        raise DatasetUnavailableError(
             f"TFDS dataset {name!r} is not prepared in {data_dir}, and preparing it needs the "
             f"network, which lopt never uses. Prepare it on a machine with network (`tfds build "
             f"{name} --file_format=array_record --data_dir DIR`) and copy DIR/{builder.name} "
             f"into {data_dir}, or use an offline dataset: {', '.join(OFFLINE_DATASETS)}."
         )
+    if (reason := builder.unavailable_reason()) is not None:
+        raise DatasetUnavailableError(reason)
     _prepare_offline(builder)
     # A fresh builder reads the dataset info back as written, whoever prepared it.
     return _builder(name, data_dir)
