@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test test-fast compile clean
+.PHONY: run test test-fast compile clean fashion-mnist
 
 UV_VERSION := 0.13.9
 
@@ -27,7 +27,35 @@ $(STAMP): pyproject.toml
 	       && $(BIN)/python -m pip install --quiet -e '.[test]'; }
 	touch $(STAMP)
 
-run: $(STAMP)
+# Fashion-MNIST, a second source dataset for task families (`fashion_mnist_offline`,
+# lopt/data/builders.py), is the original IDX files of Debian's package dataset-fashion-mnist
+# (~30 MB), not a PyPI wheel. Installed when missing and this user may (root, or sudo that asks
+# no password); otherwise a warning, and a family that lists it draws from its other sources.
+# With LOPT_FASHION_MNIST_DIR set, the files are read from there and nothing is installed.
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+
+fashion-mnist:
+	@dir="$${LOPT_FASHION_MNIST_DIR:-$(FASHION_MNIST_DIR)}"; \
+	if [ -f "$$dir/train-images-idx3-ubyte.gz" ]; then exit 0; fi; \
+	if [ -z "$$LOPT_FASHION_MNIST_DIR" ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else sudo=none; fi; \
+	  if [ "$$sudo" != none ]; then \
+	    echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	    $$sudo apt-get update -qq \
+	      && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	           dataset-fashion-mnist >/dev/null \
+	      && exit 0; \
+	  fi; \
+	fi; \
+	echo "warning: Fashion-MNIST's IDX files are not in $$dir, and they could not be installed here."; \
+	echo "  Install them with 'sudo apt-get install dataset-fashion-mnist' (Debian), or set"; \
+	echo "  LOPT_FASHION_MNIST_DIR to a directory holding train-images-idx3-ubyte.gz and the other"; \
+	echo "  three files. Until then, task families that list fashion_mnist_offline draw from their"; \
+	echo "  other sources."
+
+run: $(STAMP) fashion-mnist
 	$(BIN)/lopt run
 
 # pytest exits 5 when it collected no tests; make would turn that into a failure.
