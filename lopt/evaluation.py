@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +55,23 @@ class RunResult:
     test_loss_per_seed: tuple[float, ...] = ()
     test_accuracy_per_seed: tuple[float, ...] = ()
     test_loss_curve_per_seed: tuple[tuple[float, ...], ...] = ()
+    # How the learning rate was chosen (a tuned baseline's selected point; defaults: untuned).
+    grid_points: int = 0  # learning rates run, the configured grid and its extensions
+    grid_extensions: tuple[int, int] = (0, 0)  # points added below, above the configured grid
+    grid_interior: bool | None = None  # the best point has a run point on either side
+    grid_note: str = ""  # why the search stopped with the best at an edge
+    # Per-example test losses ``[seeds, examples, curve points]`` when the unroll reports them
+    # (the paired bootstrap resamples test examples with them); never written to JSON.
+    test_example_loss_curves: np.ndarray | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "test_example_loss_curves"
+        }
 
 
 def fine_tune(
@@ -144,7 +158,23 @@ def summarize(
         test_loss_per_seed=floats(losses[:, TEST, -1]),
         test_accuracy_per_seed=floats(accuracies[:, TEST, -1]),
         test_loss_curve_per_seed=tuple(floats(curve) for curve in losses[:, TEST]),
+        test_example_loss_curves=example_loss_curves(trajectories),
     )
+
+
+def example_loss_curves(trajectories: Sequence[Trajectory]) -> np.ndarray | None:
+    """Every seed's per-example test losses ``[seeds, examples, curve points]`` (NaN as
+    ``inf``), or None unless every trajectory carries them.
+
+    They come from ``Trajectory.eval_example_loss`` (one ``[E + 1, N]`` array per eval split),
+    which :func:`lopt.training.unroll` does not report yet: until it does, the bootstrap of
+    the gate's figures resamples seeds only.
+    """
+    per_split = [getattr(t, "eval_example_loss", None) for t in trajectories]
+    if not per_split or any(s is None for s in per_split):
+        return None
+    curves = np.stack([np.asarray(s[TEST], np.float64).T for s in per_split])
+    return np.where(np.isnan(curves), np.inf, curves)
 
 
 def tune(
@@ -157,20 +187,97 @@ def tune(
     batch_size: int,
     learning_rates: Sequence[float] | None = None,
     eval_points: int = 10,
+    max_extensions: int = 0,
 ) -> tuple[RunResult, list[RunResult]]:
     """``baseline`` at each grid learning rate (its default grid unless given); returns the
-    best point by mean validation loss, and every point. All points share one compilation."""
-    grid = [
-        summarize(
-            run_seeds(
-                jnp.float32(lr), baseline.make_optimizer, spec, pretrained, task, horizon, seeds,
-                batch_size, baseline.eval_params, eval_points,
-            ),
-            task, horizon, baseline.name, lr,
+    best point by mean validation loss, and every point run (ascending learning rate).
+
+    With ``max_extensions`` the grid widens past an edge that holds the best point (see
+    :func:`search_grid`), within ``baseline.bounds``: a baseline whose best learning rate is
+    the grid's largest was not tuned, and beating it proves little. The best point records
+    how many points ran and whether it ended interior. Every point shares one compilation:
+    the learning rate is a traced argument and the factory the same function object.
+    """
+
+    def run(lr: float) -> RunResult:
+        trajectories = run_seeds(
+            jnp.float32(lr), baseline.make_optimizer, spec, pretrained, task, horizon, seeds,
+            batch_size, baseline.eval_params, eval_points,
         )
-        for lr in (learning_rates or baseline.learning_rates)
-    ]
-    return min(grid, key=lambda r: r.val_loss), grid
+        return summarize(trajectories, task, horizon, baseline.name, lr)
+
+    return search_grid(run, learning_rates or baseline.learning_rates, max_extensions, baseline.bounds)
+
+
+def search_grid(
+    run: Callable[[float], RunResult],
+    learning_rates: Sequence[float],
+    max_extensions: int = 0,
+    bounds: tuple[float, float] = (0.0, math.inf),
+) -> tuple[RunResult, list[RunResult]]:
+    """Runs every learning rate, then, while the point with the lowest mean validation loss
+    is the lowest (highest) one run, one more point below (above) it at the grid's own log
+    spacing — until the best is interior, ``max_extensions`` points were added on that side,
+    or the next point would leave ``bounds``. A diverged point has ``inf`` loss, so it never
+    wins and stops the search on its side.
+
+    The same rule for every baseline keeps the comparison fair: same density, and every
+    baseline tuned until its optimum is bracketed (or the report says it is not). Returns the
+    best point (annotated with the search's ``grid_*`` fields) and every point, ascending.
+    """
+    grid = sorted(float(lr) for lr in learning_rates)
+    if not grid:
+        raise ValueError("A learning-rate grid needs at least one point.")
+    ratio = (grid[-1] / grid[0]) ** (1.0 / (len(grid) - 1)) if len(grid) > 1 else 1.0
+    results = [run(lr) for lr in grid]
+    added = {-1: 0, +1: 0}
+    note = "a one-point grid has no spacing to extend it by" if ratio <= 1.0 else ""
+    while ratio > 1.0:
+        best = _best_index(results)
+        side = -1 if best == 0 else (+1 if best == len(results) - 1 else 0)
+        if side == 0:
+            note = ""
+            break
+        edge = results[0 if side < 0 else -1].learning_rate
+        note = _cannot_extend(edge, ratio, side, added[side], max_extensions, bounds)
+        if note:
+            break
+        added[side] += 1
+        lr = float(f"{edge * ratio ** side:.3g}")
+        point = run(lr)
+        results = [point, *results] if side < 0 else [*results, point]
+    best = _best_index(results)
+    interior = 0 < best < len(results) - 1
+    chosen = dataclasses.replace(
+        results[best],
+        grid_points=len(results),
+        grid_extensions=(added[-1], added[+1]),
+        grid_interior=interior,
+        grid_note="" if interior else note,
+    )
+    return chosen, results
+
+
+def _best_index(results: Sequence[RunResult]) -> int:
+    """The point with the lowest mean validation loss (the first of ties)."""
+    return min(range(len(results)), key=lambda i: results[i].val_loss)
+
+
+def _cannot_extend(
+    edge: float, ratio: float, side: int, added: int, max_extensions: int, bounds: tuple[float, float]
+) -> str:
+    """Why the grid does not grow past ``edge`` on ``side`` (-1 low, +1 high); "" if it may."""
+    where = "low" if side < 0 else "high"
+    if max_extensions <= 0:
+        return f"best at the {where} edge of the grid (extension off)"
+    if added >= max_extensions:
+        return f"best at the {where} edge after {added} of {max_extensions} extensions (cap)"
+    low, high = bounds
+    step = edge * ratio**side
+    if not low <= step <= high:
+        bound = low if side < 0 else high
+        return f"best at the {where} edge: the next point {step:.3g} is beyond the bound {bound:g}"
+    return ""
 
 
 def evaluate_l3rs(

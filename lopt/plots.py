@@ -112,7 +112,7 @@ def write_html(report: Mapping[str, Any], figures: Mapping[str, Path], path: Pat
     gate = report["gate"]
     checks = "".join(
         f"<li>{'✔' if c['passed'] else '✘'} {html.escape(c['name'])}: {_number(c['value'])} "
-        f"(needs {html.escape(c['threshold'])})</li>"
+        f"(needs {html.escape(c['threshold'])}){_interval(c)}</li>"
         for c in gate.get("checks", [])
     )
     images = "".join(
@@ -144,4 +144,18 @@ img{{max-width:100%;border:1px solid #ddd}} .pass{{color:#080}} .fail{{color:#b0
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, str):  # the report's JSON writes inf as "inf"
+        return value
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(check: Mapping[str, Any]) -> str:
+    """A gate check's bootstrap interval, and whether the threshold lies within it."""
+    interval = check.get("interval")
+    if not interval:
+        return ""
+    noise = "within noise" if check.get("within_noise") else "outside noise"
+    return (
+        f", {float(interval['level']):.0%} CI [{_number(interval['low'])}, "
+        f"{_number(interval['high'])}] — <b>{noise}</b>"
+    )

@@ -15,20 +15,31 @@ the best tuned baseline's final test loss, and **steps-to-target** is ``horizon 
 loss (:func:`lopt.evaluation.steps_to_target`; per seed too, against the same baseline's
 per-seed loss).
 
+Every baseline is tuned by one rule (:func:`lopt.evaluation.search_grid`): its grid grows
+past an edge that holds the best point until the best is interior, so a learned optimizer
+never wins against an under-tuned baseline without the report saying so.
+
 The gate (:func:`decide`) checks three things, each printed with its threshold: a median
 steps-to-target over the held-out rows at T, no regression at the longest horizon, and a
-lower mean log test loss than the current champion optimizer on the same rows.
+lower mean log test loss than the current champion optimizer on the same rows. It decides on
+the point estimates; each comes with a paired bootstrap interval (:mod:`lopt.bootstrap`, over
+seeds, and test examples when the runs recorded per-example losses) and a "within noise"
+flag when that interval contains the threshold, and so does each row's loss ratio.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import statistics
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from lopt.baselines import get_baseline
+from lopt.bootstrap import Interval, Paired, Statistic, bootstrap_interval
 from lopt.config import GateConfig, ValidationConfig
 from lopt.evaluation import RunResult, evaluate_l3rs, steps_to_target, tune
 from lopt.l3rs import L3RS, MetaParams
@@ -108,10 +119,24 @@ class SuiteRow:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
+    """One gate figure: decided on ``value``; ``interval`` is its paired bootstrap interval,
+    and ``within_noise`` says whether it contains the threshold (the decision could flip on
+    another draw of seeds and test examples)."""
+
     name: str
     value: float | None
     threshold: str
     passed: bool
+    interval: Interval | None = None
+    within_noise: bool | None = None
+
+    def describe(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.3f}"
+        text = f"{self.name}: {value} (needs {self.threshold})"
+        if self.interval is not None:
+            text += f", {self.interval.level:.0%} CI {self.interval}"
+            text += " — within noise" if self.within_noise else " — outside noise"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +161,22 @@ class ValidationReport:
     def held_out(self, horizon: int | None = None) -> list[SuiteRow]:
         return [r for r in self.rows if r.held_out and (horizon is None or r.horizon == horizon)]
 
+    @functools.cached_property
+    def ratio_intervals(self) -> tuple[Interval, ...]:
+        """Each row's loss-ratio interval (computed once: table, JSON and metrics share it)."""
+        return tuple(loss_ratio_interval(r, self.config.gate) for r in self.rows)
+
+    @property
+    def resampled(self) -> str:
+        """What the bootstrap resamples, in words."""
+        examples = all(row_sample(r).axes == 2 for r in self.rows) if self.rows else False
+        units = "seeds × test examples" if examples else "seeds (per-example losses not recorded)"
+        return f"paired bootstrap over {len(self.config.seeds)} {units}"
+
     def to_json(self) -> dict[str, Any]:
+        rows = []
+        for r, interval in zip(self.rows, self.ratio_intervals):
+            rows.append({**r.to_json(), "loss_ratio_interval": dataclasses.asdict(interval)})
         return {
             "meta_horizon": self.meta_horizon,
             "gate": self.gate.to_json(),
@@ -146,11 +186,13 @@ class ValidationReport:
                 "horizon_multiples": list(self.config.horizon_multiples),
                 "baselines": list(self.config.baselines),
                 "grid_size": self.config.grid_size,
+                "grid_extensions": self.config.grid_extensions,
                 "checkpoint_seeds": list(self.config.checkpoint_seeds),
+                "intervals": self.resampled,
             },
             "champion": dict(self.champion) if self.champion else None,
             "datasets": [dict(d) for d in self.datasets],
-            "rows": [r.to_json() for r in self.rows],
+            "rows": rows,
             "table": self.table(),
         }
 
@@ -158,9 +200,14 @@ class ValidationReport:
         """Flat metrics for MLflow, e.g. ``val/sklearn_digits/base/T400/l3rs_test_loss``."""
         out: dict[str, float] = {"val/gate_passed": float(self.gate.passed)}
         for check in self.gate.checks:
+            name = f"val/gate/{_metric_name(check.name)}"
             if check.value is not None and math.isfinite(check.value):
-                out[f"val/gate/{_metric_name(check.name)}"] = check.value
-        for r in self.rows:
+                out[name] = check.value
+            if check.interval is not None:
+                out[f"{name}/ci_low"] = check.interval.low
+                out[f"{name}/ci_high"] = check.interval.high
+                out[f"{name}/within_noise"] = float(bool(check.within_noise))
+        for r, interval in zip(self.rows, self.ratio_intervals):
             prefix = f"val/{_metric_name(r.task)}/{r.checkpoint}/T{r.horizon}"
             best = r.best_baseline
             out[f"{prefix}/l3rs_test_loss"] = r.learned.test_loss
@@ -168,11 +215,16 @@ class ValidationReport:
             out[f"{prefix}/best_baseline_test_loss"] = best.test_loss
             out[f"{prefix}/best_baseline_test_accuracy"] = best.test_accuracy
             out[f"{prefix}/loss_ratio"] = r.loss_ratio
+            out[f"{prefix}/loss_ratio_ci_low"] = interval.low
+            out[f"{prefix}/loss_ratio_ci_high"] = interval.high
             stt = r.steps_to_target
             out[f"{prefix}/steps_to_target"] = 0.0 if stt is None else min(stt, 1e6)
             for name, result in r.baselines.items():
                 out[f"{prefix}/{name}_test_loss"] = result.test_loss
                 out[f"{prefix}/{name}_learning_rate"] = float(result.learning_rate or 0.0)
+                out[f"{prefix}/{name}_grid_points"] = float(result.grid_points)
+                if result.grid_interior is not None:
+                    out[f"{prefix}/{name}_grid_interior"] = float(result.grid_interior)
             for seed, loss in zip(self.config.seeds, r.learned.test_loss_per_seed):
                 out[f"{prefix}/seed{seed}/l3rs_test_loss"] = loss
             if r.champion is not None:
@@ -180,26 +232,54 @@ class ValidationReport:
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     def table(self) -> str:
+        level = f"{self.config.gate.interval_level:.0%} CI"
         header = (
             f"{'task':<32} {'ckpt':<6} {'T':>5} {'L3RS loss':>10} {'acc':>6} "
-            f"{'best baseline':>26} {'loss':>8} {'acc':>6} {'ratio':>6} {'steps-to-target':>16}"
+            f"{'best baseline':>28} {'loss':>8} {'acc':>6} {'ratio':>6} {level:>16} "
+            f"{'steps-to-target':>16}"
         )
         lines = [header, "-" * len(header)]
-        for r in self.rows:
+        for r, interval in zip(self.rows, self.ratio_intervals):
             best = r.best_baseline
-            name = f"{best.optimizer}@{best.learning_rate:.0e}"
+            edge = "" if best.grid_interior is not False else "*"
+            name = f"{best.optimizer}@{best.learning_rate:.0e}{edge}"
             task = r.task + ("" if r.held_out else " (ref)")
             lines.append(
                 f"{task:<32} {r.checkpoint:<6} {r.horizon:>5} {r.learned.test_loss:>10.4f} "
-                f"{r.learned.test_accuracy:>6.3f} {name:>26} {best.test_loss:>8.4f} "
-                f"{best.test_accuracy:>6.3f} {r.loss_ratio:>6.2f} {_times(r.steps_to_target):>16}"
+                f"{r.learned.test_accuracy:>6.3f} {name:>28} {best.test_loss:>8.4f} "
+                f"{best.test_accuracy:>6.3f} {r.loss_ratio:>6.2f} {str(interval):>16} "
+                f"{_times(r.steps_to_target):>16}"
             )
+        lines.append("")
+        lines.append(
+            f"ratio: best baseline / L3RS test loss (> 1: L3RS better); {level}: {self.resampled}."
+        )
+        lines.extend(self.grid_lines())
         lines.append("")
         lines.append(f"gate: {'PASSED' if self.gate.passed else 'not passed'} — {self.gate.reason}")
         for c in self.gate.checks:
-            value = "n/a" if c.value is None else f"{c.value:.3f}"
-            lines.append(f"  [{'x' if c.passed else ' '}] {c.name}: {value} (needs {c.threshold})")
+            lines.append(f"  [{'x' if c.passed else ' '}] {c.describe()}")
         return "\n".join(lines)
+
+    def grid_lines(self) -> list[str]:
+        """How far the learning-rate grids went, and every selected point left at an edge
+        (``*`` in the table): there the baseline may be better than reported."""
+        tuned = [(r, name, b) for r in self.rows for name, b in r.baselines.items() if b.grid_points]
+        if not tuned:
+            return []
+        points = [b.grid_points for _, _, b in tuned]
+        extended = sum(1 for _, _, b in tuned if any(b.grid_extensions))
+        lines = [
+            f"learning-rate grids: {self.config.grid_size} points, {min(points)}–{max(points)} "
+            f"run after extension (up to {self.config.grid_extensions} per side; "
+            f"{extended} of {len(tuned)} extended)."
+        ]
+        for r, name, b in tuned:
+            if b.grid_interior is False:
+                lines.append(f"  * {name} on {r.task} ({r.checkpoint}, T={r.horizon}) at lr {b.learning_rate:.3g}: {b.grid_note}")
+        if len(lines) == 1:
+            lines[0] = lines[0][:-1] + "; every best point interior."
+        return lines
 
 
 def _times(value: float | None) -> str:
@@ -216,10 +296,117 @@ def _mean_log_loss(results: Sequence[RunResult]) -> float:
     return statistics.fmean(math.log(max(r.test_loss, 1e-12)) for r in results)
 
 
+# ---------------------------------------------------------------------------------------------
+# The gate's figures as statistics of paired samples, for their bootstrap intervals. A row's
+# sample is (learned test-loss curves, every selected baseline's final test loss), per seed
+# ([S, E+1], [S, B]) or per seed and test example ([S, N, E+1], [S, N, B]) when every run
+# recorded per-example losses; the champion's is (learned final, champion final).
+
+
+def _per_seed(result: RunResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per-seed test-loss curves ``[S, E+1]`` and final losses ``[S]`` (the mean as one seed
+    when a result kept no per-seed numbers)."""
+    curves = result.test_loss_curve_per_seed or (result.test_loss_curve,)
+    return np.asarray(curves, float), np.asarray(curves, float)[:, -1]
+
+
+def row_sample(row: SuiteRow) -> Paired:
+    """The row's paired sample: resampled over seeds, and test examples when recorded."""
+    runs = list(row.baselines.values())
+    if all(r.test_example_loss_curves is not None for r in [row.learned, *runs]):
+        finals = np.stack([r.test_example_loss_curves[..., -1] for r in runs], axis=-1)
+        return Paired((row.learned.test_example_loss_curves, finals), axes=2)
+    finals = np.stack([_per_seed(r)[1] for r in runs], axis=-1)
+    return Paired((_per_seed(row.learned)[0], finals), axes=1)
+
+
+def champion_sample(row: SuiteRow) -> Paired:
+    """The learned optimizer's and the champion's final test losses on the row's units
+    (``row.champion`` must be set)."""
+    if row.champion is None:
+        raise ValueError(f"Row {row.task} T={row.horizon} has no champion run to compare with.")
+    mine, theirs = row.learned.test_example_loss_curves, row.champion.test_example_loss_curves
+    if mine is not None and theirs is not None:
+        return Paired((mine[..., -1], theirs[..., -1]), axes=2)
+    return Paired((_per_seed(row.learned)[1], _per_seed(row.champion)[1]), axes=1)
+
+
+def _means(learned: np.ndarray, finals: np.ndarray) -> tuple[np.ndarray, float]:
+    """The learned mean curve and the target (best baseline's mean final loss) of a draw;
+    every axis but the last is a unit axis (seeds, examples)."""
+    units = tuple(range(learned.ndim - 1))
+    return learned.mean(axis=units), float(finals.mean(axis=units).min())
+
+
+def _steps_statistic(row: SuiteRow) -> Callable[[np.ndarray, np.ndarray], float]:
+    """Steps-to-target of one draw of ``row``'s sample; not reached counts 0, as in the gate."""
+
+    def statistic(learned: np.ndarray, finals: np.ndarray) -> float:
+        curve, target = _means(learned, finals)
+        stt = steps_to_target(row.learned.curve_steps, curve, target, row.horizon)
+        return 0.0 if stt is None else stt
+
+    return statistic
+
+
+def _loss_ratio(learned: np.ndarray, finals: np.ndarray) -> float:
+    """The learned optimizer's final test loss over the best baseline's (< 1: learned wins)."""
+    curve, target = _means(learned, finals)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(curve[-1] / target)
+    return math.inf if math.isnan(ratio) else ratio  # inf / inf: both diverged, count as worst
+
+
+def median_steps_statistic(rows: Sequence[SuiteRow]) -> Statistic:
+    """The gate's first figure on one draw per row (``row_sample`` order)."""
+    per_row = [_steps_statistic(r) for r in rows]
+    return lambda *draws: statistics.median(f(*d) for f, d in zip(per_row, draws))
+
+
+def worst_ratio_statistic(*draws: tuple[np.ndarray, np.ndarray]) -> float:
+    """The gate's second figure: the largest learned / best-baseline loss ratio over rows."""
+    return max(_loss_ratio(*d) for d in draws)
+
+
+def champion_gap_statistic(*draws: tuple[np.ndarray, np.ndarray]) -> float:
+    """Mean over rows of log(learned mean loss) − log(champion mean loss) (< 0: learned wins)."""
+    logs = lambda x: math.log(max(float(x.mean()), 1e-12))
+    return statistics.fmean(logs(mine) - logs(theirs) for mine, theirs in draws)
+
+
+def gate_interval(gate: GateConfig, statistic: Statistic, samples: Sequence[Paired]) -> Interval:
+    """The gate's interval settings applied to one figure (seed 0: reproducible reports)."""
+    return bootstrap_interval(
+        statistic, *samples, num_resamples=gate.bootstrap_resamples, level=gate.interval_level
+    )
+
+
+def loss_ratio_interval(row: SuiteRow, gate: GateConfig) -> Interval:
+    """The interval of the row's loss ratio (best baseline / learned: > 1, learned wins)."""
+    def inverse(draw: tuple[np.ndarray, np.ndarray]) -> float:
+        ratio = _loss_ratio(*draw)
+        return math.inf if ratio == 0.0 else 1.0 / ratio
+
+    return gate_interval(gate, inverse, [row_sample(row)])
+
+
+def _check(
+    name: str, value: float | None, threshold: str, limit: float, passed: bool,
+    interval: Interval | None,
+) -> Check:
+    noise = None if interval is None or value is None else interval.contains(limit)
+    return Check(name, value, threshold, passed, interval, noise)
+
+
 def decide(
     rows: Sequence[SuiteRow], gate: GateConfig, meta_horizon: int, champion: Mapping[str, Any] | None
 ) -> GateDecision:
-    """The gate: every check of :class:`lopt.config.GateConfig` on the held-out rows."""
+    """The gate: every check of :class:`lopt.config.GateConfig` on the held-out rows.
+
+    Decided on the point estimates, never on the intervals: the thresholds mean what they
+    say. Each check carries its paired bootstrap interval and whether that interval contains
+    the threshold ("within noise"), so the reason tells a clear decision from a close one.
+    """
     held_out = [r for r in rows if r.held_out]
     if not held_out:
         return GateDecision(False, "the suite has no held-out task")
@@ -228,18 +415,24 @@ def decide(
     at_t = [r for r in held_out if r.horizon == meta_horizon]
     speedups = [r.steps_to_target or 0.0 for r in at_t]
     median = statistics.median(speedups) if speedups else None
-    checks.append(Check(
+    interval = (
+        gate_interval(gate, median_steps_statistic(at_t), [row_sample(r) for r in at_t])
+        if at_t else None
+    )
+    checks.append(_check(
         f"median steps-to-target vs best tuned baseline, held out, T={meta_horizon}",
-        median, f">= {gate.min_steps_to_target:g}",
-        median is not None and median >= gate.min_steps_to_target,
+        median, f">= {gate.min_steps_to_target:g}", gate.min_steps_to_target,
+        median is not None and median >= gate.min_steps_to_target, interval,
     ))
 
     longest = max(r.horizon for r in held_out)
-    worst = max(r.learned.test_loss / r.best_baseline.test_loss for r in held_out if r.horizon == longest)
+    at_longest = [r for r in held_out if r.horizon == longest]
+    worst = max(r.learned.test_loss / r.best_baseline.test_loss for r in at_longest)
     limit = 1.0 + gate.longest_horizon_tolerance
-    checks.append(Check(
+    checks.append(_check(
         f"worst test-loss ratio L3RS / best baseline, held out, T={longest}",
-        worst, f"<= {limit:g}", worst <= limit,
+        worst, f"<= {limit:g}", limit, worst <= limit,
+        gate_interval(gate, worst_ratio_statistic, [row_sample(r) for r in at_longest]),
     ))
 
     if gate.beat_champion:
@@ -249,15 +442,18 @@ def decide(
         else:
             mine = _mean_log_loss([r.learned for r in compared])
             theirs = _mean_log_loss([r.champion for r in compared])
-            checks.append(Check(
+            checks.append(_check(
                 f"mean log test loss minus champion v{champion['version']}'s, held out",
-                mine - theirs, "< 0", mine < theirs,
+                mine - theirs, "< 0", 0.0, mine < theirs,
+                gate_interval(gate, champion_gap_statistic, [champion_sample(r) for r in compared]),
             ))
 
-    failed = [c.name for c in checks if not c.passed]
+    failed = [c.name + (" (within noise)" if c.within_noise else "") for c in checks if not c.passed]
     if failed:
         return GateDecision(False, "failed: " + "; ".join(failed), tuple(checks))
-    return GateDecision(True, f"passed all {len(checks)} checks", tuple(checks))
+    close = [c.name for c in checks if c.within_noise]
+    note = f" (within noise: {'; '.join(close)})" if close else ""
+    return GateDecision(True, f"passed all {len(checks)} checks{note}", tuple(checks))
 
 
 def validate(
@@ -300,6 +496,7 @@ def validate(
             best, grid = tune(
                 baseline, spec, checkpoint.params, task, horizon, config.seeds,
                 config.batch_size, baseline.grid(config.grid_size),
+                max_extensions=config.grid_extensions,
             )
             baselines[name], grids[name] = best, tuple(grid)
         learned = evaluate_l3rs(
