@@ -173,7 +173,7 @@ def example_loss_curves(trajectories: Sequence[Trajectory]) -> np.ndarray | None
     per_split = [getattr(t, "eval_example_loss", None) for t in trajectories]
     if not per_split or any(s is None for s in per_split):
         return None
-    curves = np.stack([np.asarray(s[TEST], np.float64).T for s in per_split])
+    curves = np.stack([np.asarray(s[TEST], np.float32).T for s in per_split])
     return np.where(np.isnan(curves), np.inf, curves)
 
 

@@ -498,7 +498,9 @@ def validate(
                 config.batch_size, baseline.grid(config.grid_size),
                 max_extensions=config.grid_extensions,
             )
-            baselines[name], grids[name] = best, tuple(grid)
+            # Only the selected points' per-example losses feed the intervals: drop the rest.
+            baselines[name] = best
+            grids[name] = tuple(dataclasses.replace(r, test_example_loss_curves=None) for r in grid)
         learned = evaluate_l3rs(
             l3rs, theta, spec, checkpoint.params, task, horizon, config.seeds, config.batch_size
         )
