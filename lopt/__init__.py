@@ -14,7 +14,7 @@ needs the optimizer or the data (``lopt.l3rs``, ``lopt.data``) never pays for im
 import importlib
 from typing import Any
 
-from lopt.l3rs import L3RS, L3RSConfig, L3RSState, LayerLayout, LayoutMismatchError
+from lopt.l3rs import L3RS, L3RSConfig, L3RSState, LayerLayout, LayoutMismatchError, eval_params
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "L3RSState",
     "LayerLayout",
     "LayoutMismatchError",
+    "eval_params",
     "fetch_optimizer",
     "load_optimizer",
     "load_pretrained",

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt.l3rs import L3RS, Controls, MetaParams
+from lopt.l3rs import eval_params as l3rs_eval_params
 from lopt.models import ModelSpec, Params, init_params, model_fn, with_fresh_head
 from lopt.tasks import Task
 from lopt.baselines import Baseline, adam
@@ -298,7 +299,7 @@ def evaluate_l3rs(
     architecture through the same :class:`L3RS` instance to reuse the compilation."""
     trajectories = run_seeds(
         theta, l3rs.opt_fn, spec, pretrained, task, horizon, seeds, batch_size,
-        eval_points=eval_points,
+        eval_params=l3rs_eval_params, eval_points=eval_points,
     )
     return summarize(trajectories, task, horizon, name, None)
 

@@ -11,6 +11,12 @@ of jitted steps, the way any optax user trains::
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, state = opt.update(grads, state, params, value=loss)   # L3RS needs the loss
         params = optax.apply_updates(params, updates)
+    eval_at = lopt.eval_params(state, params)   # for a measurement before the last step
+
+A run of the planned ``T`` steps ends on the parameters to keep. When the optimizer averages
+its iterates (schedule-free style), the parameters it takes gradients at lie between a fast
+iterate and its average, so a measurement in the middle of the run evaluates
+:func:`lopt.eval_params` (as with ``optax.contrib.schedule_free_eval_params``).
 
 :func:`finetune` adds evaluation every few steps (validation and test loss and accuracy) and
 returns the curves; ``lopt finetune`` logs them to MLflow and, with ``--compare adam``, runs
@@ -30,7 +36,7 @@ import optax
 
 from lopt.models import ModelFn, Params
 from lopt.tasks import Task
-from lopt.training import cross_entropy, evaluate
+from lopt.training import EvalParamsFn, cross_entropy, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +65,10 @@ def finetune(
     seed: int = 0,
     eval_every: int | None = None,
     name: str = "optimizer",
+    eval_params: EvalParamsFn | None = None,
 ) -> tuple[Params, Curve]:
-    """Fine-tunes ``params`` on ``task`` for ``num_steps`` minibatch steps of ``optimizer``."""
+    """Fine-tunes ``params`` on ``task`` for ``num_steps`` minibatch steps of ``optimizer``;
+    measurements evaluate ``eval_params(state, params)`` when given (e.g. :func:`lopt.eval_params`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
     eval_every = eval_every or max(1, num_steps // 10)
@@ -84,8 +92,9 @@ def finetune(
 
     def measure(at: int) -> None:
         steps.append(at)
-        val_loss.append(float(measure_split(params, task.val)[0]))
-        loss, acc = measure_split(params, task.test)
+        evaluated = params if eval_params is None else eval_params(state, params)
+        val_loss.append(float(measure_split(evaluated, task.val)[0]))
+        loss, acc = measure_split(evaluated, task.test)
         test_loss.append(float(loss))
         test_acc.append(float(acc))
 

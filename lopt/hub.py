@@ -94,8 +94,15 @@ def fetch_optimizer(
     raises a ``LayoutMismatchError`` naming the layers when ``params`` belong to another
     architecture. Nothing is unpickled: θ is msgpack, the rest JSON.
     """
+    if num_steps is not None and (
+        isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
+    ):
+        raise ValueError(
+            f"num_steps must be a positive int (the planned number of fine-tuning steps) or "
+            f"None (the meta-training horizon), got {num_steps!r}."
+        )
     l3rs, theta, header = load_optimizer(uri, tracking_uri)
-    return l3rs.opt_fn(theta, int(num_steps or header["horizon"]))
+    return l3rs.opt_fn(theta, int(header["horizon"]) if num_steps is None else num_steps)
 
 
 def register_base_model(

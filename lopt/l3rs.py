@@ -83,7 +83,8 @@ import numpy as np
 import optax
 
 DIRECTIONS: tuple[str, ...] = ("adam", "momentum", "gradient", "rmsprop", "sign_momentum")
-SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant", "warmup_constant")
+AVERAGING: tuple[str, ...] = ("none", "schedule_free")
 
 MetaParams = dict[str, Any]
 """θ: ``{"layer_embeddings": [L, E], "mlp": {"w1", "b1", "w2", "b2"}}``."""
@@ -183,8 +184,17 @@ class L3RSConfig:
     # The priors (T_ref / T)^γ · s(t/T) on the step size that the MLP modulates (module
     # docstring); base_learning_rate is the peak step at T = reference_horizon.
     schedule: str = "cosine"
+    # Of ``warmup_constant``: the fraction of the horizon over which the prior rises linearly
+    # from 0 to 1 (as schedule-free AdamW's warmup).
+    warmup_fraction: float = 0.05
     reference_horizon: int = 200
     horizon_exponent: float = 1.0
+    # "schedule_free": the rule's step moves a fast iterate z; the parameters the gradient is
+    # taken at interpolate between z and its running average x with a learned per-layer
+    # weight (module docstring). "none": the step moves the parameters themselves.
+    averaging: str = "none"
+    # The interpolation weight β of x in y = β·x + (1 − β)·z the untrained optimizer uses.
+    interpolation: float = 0.9
     # The untrained optimizer prefers this direction with softmax weight ~0.65 for 5 directions.
     init_direction: str = "adam"
     init_direction_logit: float = 2.0
@@ -210,6 +220,14 @@ class L3RSConfig:
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}.")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}.")
+        if self.averaging not in AVERAGING:
+            raise ValueError(f"Unknown averaging {self.averaging!r}; choose from {list(AVERAGING)}.")
+        if not _MIN_INTERPOLATION < self.interpolation < 1.0:
+            raise ValueError(
+                f"interpolation must lie in [{_MIN_INTERPOLATION}, 1), got {self.interpolation}."
+            )
         if not all(0.0 < d < 1.0 for d in self.ema_decays):
             raise ValueError(f"ema_decays must lie in (0, 1), got {list(self.ema_decays)}.")
         if self.control_interval < 1:
@@ -221,6 +239,16 @@ class L3RSConfig:
     def num_features(self) -> int:
         # embedding + (t/T, log T) + EMAs of loss, gradient norm, weight norm.
         return self.embedding_dim + 2 + 3 * len(self.ema_decays)
+
+    @property
+    def averages(self) -> bool:
+        """Whether the rule keeps a fast iterate and evaluates at its average."""
+        return self.averaging != "none"
+
+    @property
+    def num_outputs(self) -> int:
+        # log step size, P mixing logits, and the interpolation's logit when averaging.
+        return 1 + len(self.directions) + int(self.averages)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,16 +263,20 @@ class L3RSConfig:
         # Optimizers saved before the priors existed had none: keep their behaviour.
         kwargs.setdefault("schedule", "constant")
         kwargs.setdefault("horizon_exponent", 0.0)
-        # ... and refreshed their controller at every step.
+        # ... and refreshed their controller at every step ...
         kwargs.setdefault("control_interval", 1)
+        # ... and moved the parameters themselves.
+        kwargs.setdefault("averaging", "none")
         return cls(**kwargs)
 
 
 class Controls(NamedTuple):
-    """What the MLP decided for one step: per-layer step sizes ``[L]`` and mixtures ``[L, P]``."""
+    """What the MLP decided for one step: per-layer step sizes ``[L]``, mixtures ``[L, P]``
+    and, when the rule averages, the weight β of the average in the interpolation ``[L]``."""
 
     learning_rates: jax.Array
     mixing_coefficients: jax.Array
+    interpolation: jax.Array | None = None
 
 
 class L3RSState(NamedTuple):
@@ -264,6 +296,13 @@ class L3RSState(NamedTuple):
         ``[L, P]``.
       refresh_gradient_norms: each layer's gradient norm at the last refresh ``[L]``; no step
         before the next refresh is larger than it would be with the refresh's gradient norm.
+      fast_iterate: schedule-free's z, the iterate the rule's steps move (``None`` without
+        averaging). The parameters are ``y = β·x + (1 − β)·z``; x, the average, is derived
+        from y and z (:func:`eval_params`), so averaging costs one copy of the parameters.
+      interpolation: the β of every layer that formed the current parameters ``[L]``.
+      average_weight: the sum of the averaging weights so far (x averages z's with them).
+      skipped_steps: updates skipped because the loss or a gradient was not finite; such a
+        step leaves every other field as it was.
     """
 
     count: jax.Array
@@ -276,6 +315,17 @@ class L3RSState(NamedTuple):
     controls: Controls
     inverse_rms: jax.Array
     refresh_gradient_norms: jax.Array
+    fast_iterate: optax.Params | None
+    interpolation: jax.Array | None
+    average_weight: jax.Array
+    skipped_steps: jax.Array
+
+
+# The step count is an int32.
+_MAX_STEPS = 2**31 - 1
+
+# The smallest interpolation weight: x is recovered from y and z by dividing by β.
+_MIN_INTERPOLATION = 0.05
 
 
 # Added under square roots, which have an infinite derivative at 0: exact zeros occur (dead
@@ -322,10 +372,13 @@ class L3RS:
         """Draws θ so that the untrained optimizer behaves like Adam at ``base_learning_rate``."""
         c = self.config
         k_emb, k_w1, k_w2 = jax.random.split(key, 3)
-        num_outputs = 1 + len(c.directions)
+        num_outputs = c.num_outputs
         mixing_bias = jnp.zeros(len(c.directions)).at[c.directions.index(c.init_direction)].set(
             c.init_direction_logit
         )
+        if c.averages:
+            # The interpolation's output is a logit offset from the configured β.
+            mixing_bias = jnp.concatenate([mixing_bias, jnp.zeros(1)])
         return {
             "layer_embeddings": jax.random.normal(k_emb, (self.layout.num_layers, c.embedding_dim)),
             "mlp": {
@@ -389,24 +442,52 @@ class L3RS:
     def controls(self, theta: MetaParams, features: jax.Array) -> Controls:
         """The shared MLP: features ``[L, F]`` to step sizes ``λ`` (before the priors) and
         mixtures ``μ``."""
+        c = self.config
         mlp = theta["mlp"]
         hidden = jnp.tanh(features @ mlp["w1"] + mlp["b1"])
         out = hidden @ mlp["w2"] + mlp["b2"]
+        num_directions = len(c.directions)
+        interpolation = None
+        if c.averages:
+            # β in [_MIN_INTERPOLATION, 1), at c.interpolation for a zero output.
+            share = (c.interpolation - _MIN_INTERPOLATION) / (1.0 - _MIN_INTERPOLATION)
+            logit = out[:, 1 + num_directions] + math.log(share / (1.0 - share))
+            interpolation = _MIN_INTERPOLATION + (1.0 - _MIN_INTERPOLATION) * jax.nn.sigmoid(logit)
         return Controls(
-            learning_rates=self.config.base_learning_rate * jnp.exp(out[:, 0]),
-            mixing_coefficients=jax.nn.softmax(out[:, 1:], axis=-1),
+            learning_rates=c.base_learning_rate * jnp.exp(out[:, 0]),
+            mixing_coefficients=jax.nn.softmax(out[:, 1 : 1 + num_directions], axis=-1),
+            interpolation=interpolation,
         )
 
     def step_size_prior(self, count: jax.Array, num_steps: int) -> jax.Array:
         """``(T_ref / T)^γ · s(t/T)``, the fixed factor the MLP's step sizes are multiplied by
         at step ``count`` (1 for the first) of a ``num_steps``-step run."""
         c = self.config
-        prior = jnp.float32((c.reference_horizon / num_steps) ** c.horizon_exponent)
+        return jnp.float32((c.reference_horizon / num_steps) ** c.horizon_exponent) * self.schedule(
+            count, num_steps
+        )
+
+    def schedule(self, count: jax.Array, num_steps: int) -> jax.Array:
+        """``s(t/T)``, the schedule part of the step-size prior, at step ``count``."""
+        c = self.config
+        # Clipped: past the horizon a cosine prior stays at 0, as a cosine schedule does.
+        progress = jnp.clip(_progress(count.astype(jnp.float32), num_steps), 0.0, 1.0)
         if c.schedule == "cosine":
-            # Clipped: past the horizon the prior stays at 0, as a cosine schedule does.
-            progress = jnp.clip(_progress(count.astype(jnp.float32), num_steps), 0.0, 1.0)
-            prior = prior * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return prior
+            return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        if c.schedule == "warmup_constant" and c.warmup_fraction > 0:
+            # As optax's linear warmup: the first step is at 1 / warmup_steps of the peak.
+            warmup_steps = max(1.0, c.warmup_fraction * num_steps)
+            return jnp.minimum(1.0, count.astype(jnp.float32) / warmup_steps)
+        return jnp.float32(1.0)
+
+    def averaging_weight(self, count: jax.Array, num_steps: int) -> jax.Array:
+        """The weight of step ``count``'s fast iterate in the average: the square of the
+        schedule's running maximum, as schedule-free weights its iterates by ``max_lr²`` (the
+        iterates of the warm-up count less). Every prior here rises or falls monotonically,
+        so the running maximum is the current value or the first one."""
+        if self.config.schedule == "warmup_constant":
+            return jnp.square(self.schedule(count, num_steps))
+        return jnp.float32(1.0)
 
     def base_directions(
         self, grads: optax.Updates, mu: optax.Updates, nu_hat: optax.Updates
@@ -468,10 +549,20 @@ class L3RS:
     def opt_fn(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         """Builds the optimizer from θ for a run of ``num_steps`` steps (the horizon ``T``).
 
-        ``update`` needs ``params`` (for weight norms) and the loss as ``value=``.
+        ``update`` needs ``params`` (for weight norms) and the loss as ``value=``. With
+        averaging, evaluate at :func:`eval_params` (the last step of the horizon lands the
+        parameters on the average, so a run of ``num_steps`` steps ends there by itself).
         """
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be a positive number of steps, got {num_steps}.")
+        if (
+            isinstance(num_steps, bool)
+            or not isinstance(num_steps, (int, np.integer))
+            or not 1 <= num_steps <= _MAX_STEPS
+        ):
+            raise ValueError(
+                f"num_steps must be a positive int number of steps (at most {_MAX_STEPS}: the step "
+                f"count is an int32), got {num_steps!r}."
+            )
+        num_steps = int(num_steps)
         c = self.config
         layout = self.layout
         num_decays = len(c.ema_decays)
@@ -484,6 +575,7 @@ class L3RS:
             layout.check(params)
             moment = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             num_directions = len(c.directions)
+            per_layer = lambda: jnp.zeros(layout.num_layers, jnp.float32)
             return L3RSState(
                 count=jnp.zeros([], jnp.int32),
                 mu=moment(),
@@ -493,11 +585,18 @@ class L3RS:
                 weight_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
                 reference=jnp.ones(1 + 2 * layout.num_layers, jnp.float32),
                 controls=Controls(
-                    learning_rates=jnp.zeros(layout.num_layers, jnp.float32),
+                    learning_rates=per_layer(),
                     mixing_coefficients=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
+                    interpolation=per_layer() if c.averages else None,
                 ),
                 inverse_rms=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
-                refresh_gradient_norms=jnp.zeros(layout.num_layers, jnp.float32),
+                refresh_gradient_norms=per_layer(),
+                # A distinct copy: z and the parameters may both be donated to a jitted step.
+                fast_iterate=jax.tree.map(jnp.copy, params) if c.averages else None,
+                # Before the first step y = z = x, which any β describes; 1 divides exactly.
+                interpolation=jnp.ones(layout.num_layers, jnp.float32) if c.averages else None,
+                average_weight=jnp.zeros([], jnp.float32),
+                skipped_steps=jnp.zeros([], jnp.int32),
             )
 
         def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -508,20 +607,31 @@ class L3RS:
                     "opt.update(grads, state, params, value=loss)."
                 )
             grads = updates
+            loss = jnp.asarray(value, jnp.float32).reshape(())
+            # Every step: a layer's gradient norm is one reduction over its gradient, bounds
+            # the step between refreshes (below), and is not finite when any entry is not.
+            grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
+            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad_norms))
+            new_updates, new_state = step(grads, state, params, loss, grad_norms)
+            # A non-finite loss or gradient would enter the EMAs and moments and poison every
+            # later step: such a step changes nothing but the count of skipped steps.
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_state = jax.tree.map(keep, new_state, state._replace(
+                skipped_steps=state.skipped_steps + 1
+            ))
+            new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+            return new_updates, new_state
+
+        def step(grads, state, params, loss, grad_norms):
             count = optax.safe_increment(state.count)
             mu = optax.tree.update_moment(grads, state.mu, c.b1, 1)
             nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, c.b2, 2)
             # Computed where it is used (in the refresh and in the mixture), so that no
             # full-size copy of it is written for the conditional refresh to read.
             nu_hat = lambda: optax.tree.bias_correction(nu, c.b2, count)
-            loss = jnp.asarray(value, jnp.float32).reshape(())
             state = state._replace(
                 count=count, mu=mu, nu=nu, loss_ema=ema(decays, state.loss_ema, loss)
             )
-
-            # Every step: a layer's gradient norm is one reduction over its gradient, and bounds
-            # the step between refreshes (below).
-            grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
 
             def refresh() -> L3RSState:
                 weight_norms = jnp.stack([_norm(p) for p in jax.tree.leaves(params)])
@@ -568,15 +678,55 @@ class L3RS:
                 * jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None]
             )
             leaves, treedef = jax.tree.flatten(grads)
-            new_leaves = [
-                sum(coefficients[i, p] * d for p, d in enumerate(directions)).astype(g.dtype)
-                for i, (g, directions) in enumerate(
-                    zip(leaves, self.base_directions(grads, mu, nu_hat()))
-                )
+            steps = [
+                sum(coefficients[i, p] * d for p, d in enumerate(directions))
+                for i, directions in enumerate(self.base_directions(grads, mu, nu_hat()))
             ]
-            return jax.tree.unflatten(treedef, new_leaves), state
+            if not c.averages:
+                new_leaves = [s.astype(g.dtype) for s, g in zip(steps, leaves)]
+                return jax.tree.unflatten(treedef, new_leaves), state
+            return self._averaged_step(steps, treedef, state, params, controls, num_steps)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def _averaged_step(
+        self,
+        steps: list[jax.Array],
+        treedef: Any,
+        state: L3RSState,
+        params: optax.Params,
+        controls: Controls,
+        num_steps: int,
+    ) -> tuple[optax.Updates, L3RSState]:
+        """Schedule-free's interpolation (Defazio et al., 2024) around the rule's steps.
+
+        The rule's step moves the fast iterate ``z``; ``x`` averages the ``z``'s (weights
+        from :meth:`averaging_weight`), and the parameters, where the next gradient is taken,
+        are ``y = β·x + (1 − β)·z`` with a learned per-layer β. Taking gradients between the
+        fast iterate and its average is what lets schedule-free AdamW run a step ~30× larger
+        than Adam's stably; a bare average of Adam's iterates does not reproduce its lead.
+        At the horizon's last step β is 1, so a run of the planned length ends on ``x``.
+        """
+        count = state.count
+        weight = self.averaging_weight(count, num_steps)
+        average_weight = state.average_weight + weight
+        share = weight / jnp.maximum(average_weight, 1e-30)
+        interpolation = jnp.where(count >= num_steps, 1.0, controls.interpolation)
+        updates, fast = [], []
+        for i, (step, y, z) in enumerate(
+            zip(steps, jax.tree.leaves(params), jax.tree.leaves(state.fast_iterate))
+        ):
+            old_beta, beta = state.interpolation[i], interpolation[i]
+            x = (y - (1.0 - old_beta) * z) / old_beta
+            z = z + step.astype(z.dtype)
+            x = x + share * (z - x)
+            updates.append((beta * x + (1.0 - beta) * z - y).astype(y.dtype))
+            fast.append(z)
+        return jax.tree.unflatten(treedef, updates), state._replace(
+            fast_iterate=jax.tree.unflatten(treedef, fast),
+            interpolation=interpolation,
+            average_weight=average_weight,
+        )
 
     def momentum_correction(self, count: jax.Array) -> jax.Array:
         """Per direction ``[P]``, the factor that undoes the growth of ``m``'s bias since the
@@ -612,6 +762,25 @@ def constant_meta_params(
     index = l3rs.config.directions.index(direction)
     logits = jnp.full(len(l3rs.config.directions), -1e4).at[index].set(0.0)
     theta["mlp"]["w2"] = jnp.zeros_like(theta["mlp"]["w2"])
-    theta["mlp"]["b2"] = jnp.concatenate([jnp.array([log_learning_rate_scale]), logits])
+    interpolation_logit = jnp.zeros(int(l3rs.config.averages))
+    theta["mlp"]["b2"] = jnp.concatenate(
+        [jnp.array([log_learning_rate_scale]), logits, interpolation_logit]
+    )
     return theta
+
+
+def eval_params(state: L3RSState, params: optax.Params) -> optax.Params:
+    """The parameters to evaluate, like ``optax.contrib.schedule_free_eval_params``: with
+    averaging, the average ``x = (y − (1 − β)·z) / β`` of every layer; else ``params``.
+
+    A run of the planned number of steps already ends on ``x`` (the last step lands there),
+    so this matters when evaluating in the middle of a run, e.g. for a learning curve.
+    """
+    if state.fast_iterate is None:
+        return params
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(treedef, [
+        ((y - (1.0 - beta) * z) / beta).astype(y.dtype)
+        for y, z, beta in zip(leaves, jax.tree.leaves(state.fast_iterate), state.interpolation)
+    ])
 

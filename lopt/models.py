@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 ModelFn = Callable[[Params, jax.Array], jax.Array]
@@ -138,7 +139,9 @@ def _jitted_init(spec: ModelSpec) -> Callable[[jax.Array], Params]:
     # One compiled program per spec, the same numbers as eager ``init``: op by op, Flax's init
     # dispatched dozens of tiny programs (5 s for the first call, ~0.7 s for each new head).
     module = build(spec)
-    dummy = jnp.zeros((1, *spec.input_shape), jnp.float32)
+    # A NumPy constant: a jnp array made while the first caller is being traced (init inside a
+    # jitted unroll) would be a tracer, and the cached function would leak it to later calls.
+    dummy = np.zeros((1, *spec.input_shape), np.float32)
     return jax.jit(lambda key: module.init(key, dummy)["params"])
 
 

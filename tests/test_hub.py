@@ -94,7 +94,22 @@ def test_registered_versions_carry_aliases_tags_and_only_plain_files(store):
 def test_fetch_default_horizon_is_the_meta_training_horizon(store):
     _, _, header = lopt.load_optimizer("models:/l3rs-tiny-cnn@champion", tracking_uri=store["uri"])
     assert header["horizon"] == 30 and header["base_model"] == "tiny-cnn"
-    lopt.fetch_optimizer("models:/l3rs-tiny-cnn@champion", tracking_uri=store["uri"])
+    _, params, _ = lopt.load_pretrained("models:/tiny-cnn/1", num_classes=3, tracking_uri=store["uri"])
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def first_update(opt):
+        return opt.update(grads, opt.init(params), params, value=1.0)[0]
+
+    default = first_update(lopt.fetch_optimizer("models:/l3rs-tiny-cnn@champion", tracking_uri=store["uri"]))
+    jax.tree.map(np.testing.assert_array_equal, default, first_update(store["l3rs"].opt_fn(store["theta"], 30)))
+    longer = first_update(store["l3rs"].opt_fn(store["theta"], 120))
+    assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(longer)))
+
+
+@pytest.mark.parametrize("num_steps", [0, 2.7, True, "400", -1])
+def test_fetch_rejects_a_horizon_that_is_not_a_positive_int(store, num_steps):
+    with pytest.raises(ValueError, match="positive int"):
+        lopt.fetch_optimizer("models:/l3rs-tiny-cnn@champion", num_steps=num_steps, tracking_uri=store["uri"])
 
 
 def test_fetched_optimizer_on_another_architecture_names_the_layers(store):

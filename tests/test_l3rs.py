@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -18,6 +19,7 @@ from lopt.l3rs import (
     LayerLayout,
     LayoutMismatchError,
     constant_meta_params,
+    eval_params,
 )
 
 SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
@@ -27,6 +29,9 @@ CONFIGS = {
     "three_directions": L3RSConfig(directions=("adam", "momentum", "gradient")),
     "one_decay": L3RSConfig(ema_decays=(0.5,), embedding_dim=2, hidden_size=4),
     "refresh_every_step": L3RSConfig(control_interval=1),
+    "schedule_free": L3RSConfig(
+        averaging="schedule_free", schedule="warmup_constant", init_direction="rmsprop"
+    ),
 }
 
 
@@ -367,3 +372,117 @@ def test_loading_theta_of_another_shape_is_an_error(tmp_path):
     (tmp_path / "optimizer.json").write_text(json.dumps(header))
     with pytest.raises(ValueError, match="do not match"):
         serialization.load_optimizer(tmp_path)
+
+
+def _sine_grads(params, seed):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        jnp.sin(3.0 * p + 0.1 * seed) + 0.1 * jax.random.normal(k, p.shape)
+        for k, p in zip(keys, leaves)
+    ])
+
+
+def _max_difference(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_averaging_is_optax_schedule_free_around_the_rule():
+    """With a constant interpolation, L3RS's averaging is exactly optax's schedule-free
+    wrapper around the non-averaging rule (the same weights from the warm-up prior)."""
+    params = _params()
+    horizon = 20
+    plain_config = L3RSConfig(
+        schedule="warmup_constant", warmup_fraction=0.2, horizon_exponent=0.0, control_interval=1
+    )
+    plain = L3RS(plain_config, LayerLayout.from_params(params))
+    averaged = L3RS(
+        dataclasses.replace(plain_config, averaging="schedule_free"), LayerLayout.from_params(params)
+    )
+    reference = optax.contrib.schedule_free(
+        plain.opt_fn(constant_meta_params(plain, "rmsprop"), horizon),
+        learning_rate=lambda count: plain.schedule(count, horizon),
+        b1=0.9,
+    )
+    mine = averaged.opt_fn(constant_meta_params(averaged, "rmsprop"), horizon)
+    p_ref = p_mine = params
+    s_ref, s_mine = reference.init(params), mine.init(params)
+    for step in range(horizon - 1):  # the last step lands on the average: compared below
+        u, s_ref = reference.update(_sine_grads(p_ref, step), s_ref, p_ref, value=1.0)
+        p_ref = optax.apply_updates(p_ref, u)
+        u, s_mine = mine.update(_sine_grads(p_mine, step), s_mine, p_mine, value=1.0)
+        p_mine = optax.apply_updates(p_mine, u)
+    assert _max_difference(p_ref, p_mine) < 1e-5
+    x_ref = optax.contrib.schedule_free_eval_params(s_ref, p_ref)
+    assert _max_difference(x_ref, eval_params(s_mine, p_mine)) < 1e-5
+    assert _max_difference(x_ref, p_ref) > 1e-3  # y and x differ: the comparison means something
+
+
+def test_a_run_of_the_planned_length_ends_on_the_average():
+    params = _params()
+    l3rs = L3RS(CONFIGS["schedule_free"], LayerLayout.from_params(params))
+    horizon = 12
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), horizon)
+    state = opt.init(params)
+    for step in range(horizon):
+        before = eval_params(state, params)
+        updates, state = opt.update(_sine_grads(params, step), state, params, value=1.0)
+        params = optax.apply_updates(params, updates)
+        if step == horizon - 2:
+            assert _max_difference(eval_params(state, params), params) > 1e-4
+    assert _max_difference(eval_params(state, params), params) < 1e-6
+    assert _max_difference(before, params) > 1e-5  # the last step still moved the average
+
+
+def test_eval_params_is_the_identity_without_averaging():
+    params = _params()
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), 10)
+    state = opt.init(params)
+    updates, state = opt.update(_grads(params, 0), state, params, value=1.0)
+    params = optax.apply_updates(params, updates)
+    assert eval_params(state, params) is params
+
+
+@pytest.mark.parametrize("poison", ["loss_nan", "loss_inf", "grad_nan", "grad_inf"])
+def test_a_non_finite_step_changes_nothing_but_the_skip_count(config, poison):
+    params = _params()
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps=60)
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    for step in range(5):
+        updates, state = update(_grads(params, step), state, params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+    grads, loss = _grads(params, 5), jnp.float32(1.0)
+    if poison.startswith("loss"):
+        loss = jnp.float32(np.nan if poison == "loss_nan" else np.inf)
+    else:
+        bad = np.nan if poison == "grad_nan" else np.inf
+        grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(bad), grads)
+    updates, skipped = update(grads, state, params, value=loss)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert int(skipped.skipped_steps) == int(state.skipped_steps) + 1
+    unchanged = skipped._replace(skipped_steps=state.skipped_steps)
+    assert all(
+        bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(unchanged), jax.tree.leaves(state))
+    )
+    state = skipped
+    for step in range(6, 60):  # past several refreshes of the controller
+        updates, state = update(_grads(params, step), state, params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("num_steps", [0, -3, 2.7, True, "400", None, 2**31])
+def test_the_horizon_must_be_a_positive_int(num_steps):
+    params = _params()
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    with pytest.raises(ValueError, match="positive int"):
+        l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps)
+
+
+def test_optimizers_saved_before_averaging_load_without_it():
+    data = L3RSConfig().to_json()
+    del data["averaging"], data["interpolation"], data["warmup_fraction"]
+    assert L3RSConfig.from_json(data).averaging == "none"
