@@ -88,7 +88,8 @@ def fine_tune(
     eval_points: int = 10,
 ) -> Trajectory:
     """One run on ``task``, measuring its val and test splits (rows ``VAL``, ``TEST``) at
-    about ``eval_points`` evenly spaced steps (see :func:`lopt.training.default_eval_every`)."""
+    about ``eval_points`` evenly spaced steps (see :func:`lopt.training.default_eval_every`),
+    every example's loss included (the gate's intervals resample test examples)."""
     return unroll(
         hparams,
         params,
@@ -101,6 +102,7 @@ def fine_tune(
         batch_size=batch_size,
         eval_every=default_eval_every(num_steps, eval_points),
         eval_params=eval_params,
+        per_example_loss=True,
     )
 
 
@@ -167,11 +169,11 @@ def example_loss_curves(trajectories: Sequence[Trajectory]) -> np.ndarray | None
     """Every seed's per-example test losses ``[seeds, examples, curve points]`` (NaN as
     ``inf``), or None unless every trajectory carries them.
 
-    They come from ``Trajectory.eval_example_loss`` (one ``[E + 1, N]`` array per eval split),
-    which :func:`lopt.training.unroll` does not report yet: until it does, the bootstrap of
-    the gate's figures resamples seeds only.
+    They come from ``Trajectory.eval_example_loss`` (one ``[E + 1, N]`` array per eval split,
+    :func:`fine_tune` asks for them); without them the bootstrap of the gate's figures
+    resamples seeds only.
     """
-    per_split = [getattr(t, "eval_example_loss", None) for t in trajectories]
+    per_split = [t.eval_example_loss for t in trajectories]
     if not per_split or any(s is None for s in per_split):
         return None
     curves = np.stack([np.asarray(s[TEST], np.float32).T for s in per_split])

@@ -49,6 +49,9 @@ class Trajectory(NamedTuple):
       eval_steps: the steps at which the eval splits were measured ``[E + 1]`` (0 included).
       eval_loss: mean loss on each eval split at those steps ``[S, E + 1]``.
       eval_accuracy: accuracy on each eval split at those steps ``[S, E + 1]``.
+      eval_example_loss: with ``per_example_loss``, every example's loss on each eval split
+        at those steps, one ``[E + 1, N_split]`` array per split (splits differ in size), so
+        that a comparison can be resampled over test examples as well as seeds.
     """
 
     params: Params
@@ -56,6 +59,7 @@ class Trajectory(NamedTuple):
     eval_steps: jax.Array
     eval_loss: jax.Array
     eval_accuracy: jax.Array
+    eval_example_loss: tuple[jax.Array, ...] | None = None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -64,10 +68,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def evaluate(model_fn: ModelFn, params: Params, split: Split) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy and accuracy of ``params`` on a whole split (one batch)."""
+    losses, accuracy = evaluate_examples(model_fn, params, split)
+    return losses.mean(), accuracy
+
+
+def evaluate_examples(model_fn: ModelFn, params: Params, split: Split) -> tuple[jax.Array, jax.Array]:
+    """Every example's cross-entropy ``[N]`` and the accuracy of ``params`` on a split."""
     logits = model_fn(params, split.images)
-    loss = cross_entropy(logits, split.labels)
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == split.labels)
-    return loss, accuracy
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, split.labels)
+    return losses, jnp.mean(jnp.argmax(logits, axis=-1) == split.labels)
 
 
 TrainCarry = tuple[Params, optax.OptState]
@@ -97,7 +106,10 @@ def make_train_step(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model_fn", "make_optimizer", "num_steps", "batch_size", "eval_every", "eval_params"),
+    static_argnames=(
+        "model_fn", "make_optimizer", "num_steps", "batch_size", "eval_every", "eval_params",
+        "per_example_loss",
+    ),
 )
 def unroll(
     hparams: Any,
@@ -112,12 +124,14 @@ def unroll(
     batch_size: int,
     eval_every: int,
     eval_params: EvalParamsFn | None = None,
+    per_example_loss: bool = False,
 ) -> Trajectory:
     """Trains ``params`` for ``num_steps`` steps with ``make_optimizer(hparams, num_steps)``.
 
     ``model_fn``, ``make_optimizer`` and ``eval_params`` are static: pass the same function
     objects (module level functions or cached closures) to reuse the compilation. The eval
-    splits are measured at ``eval_params(opt_state, params)`` when it is given.
+    splits are measured at ``eval_params(opt_state, params)`` when it is given, and with
+    ``per_example_loss`` every example's loss is kept too (``Trajectory.eval_example_loss``).
     """
     if num_steps % eval_every:
         raise ValueError(f"num_steps ({num_steps}) must be a multiple of eval_every ({eval_every}).")
@@ -125,8 +139,9 @@ def unroll(
     train_step = make_train_step(model_fn, optimizer, train, batch_size)
 
     def measure(p):
-        results = [evaluate(model_fn, p, split) for split in eval_splits]
-        return jnp.stack([r[0] for r in results]), jnp.stack([r[1] for r in results])
+        results = [evaluate_examples(model_fn, p, split) for split in eval_splits]
+        means = jnp.stack([r[0].mean() for r in results]), jnp.stack([r[1] for r in results])
+        return means, tuple(r[0] for r in results) if per_example_loss else None
 
     def chunk(carry, chunk_keys):
         carry, losses = jax.lax.scan(train_step, carry, chunk_keys)
@@ -136,16 +151,22 @@ def unroll(
     num_chunks = num_steps // eval_every
     keys = jax.random.split(key, num_steps)
     keys = keys.reshape(num_chunks, eval_every, *keys.shape[1:])
-    initial_metrics = measure(params)
-    (final_params, _), (losses, (loss_curve, acc_curve)) = jax.lax.scan(
+    (initial_loss, initial_accuracy), initial_examples = measure(params)
+    (final_params, _), (losses, ((loss_curve, acc_curve), example_curves)) = jax.lax.scan(
         chunk, (params, optimizer.init(params)), keys
     )
+    example_loss = None
+    if per_example_loss:
+        example_loss = tuple(
+            jnp.concatenate([first[None], rest]) for first, rest in zip(initial_examples, example_curves)
+        )
     return Trajectory(
         params=final_params,
         train_loss=losses.reshape(num_steps),
         eval_steps=jnp.arange(num_chunks + 1) * eval_every,
-        eval_loss=jnp.concatenate([initial_metrics[0][:, None], loss_curve.T], axis=1),
-        eval_accuracy=jnp.concatenate([initial_metrics[1][:, None], acc_curve.T], axis=1),
+        eval_loss=jnp.concatenate([initial_loss[:, None], loss_curve.T], axis=1),
+        eval_accuracy=jnp.concatenate([initial_accuracy[:, None], acc_curve.T], axis=1),
+        eval_example_loss=example_loss,
     )
 
 

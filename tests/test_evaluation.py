@@ -211,3 +211,28 @@ def test_grids_keep_each_baselines_range_at_the_same_density():
         small = baseline.grid(3)
         assert len(small) == 3
         assert small[0] == baseline.learning_rates[0] and small[-1] == baseline.learning_rates[-1]
+
+
+def test_fine_tune_keeps_every_examples_loss_and_its_mean_is_the_reported_loss():
+    import jax
+
+    from lopt.baselines import adam
+    from lopt.evaluation import fine_tune
+    from lopt.models import ModelSpec, init_params
+    from lopt.tasks import Task
+    from lopt.training import Split
+
+    spec = ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
+    images = jax.random.uniform(jax.random.key(0), (40, 8, 8, 1))
+    labels = jnp.arange(40) % 3
+    split = lambda lo, hi: Split(images[lo:hi], labels[lo:hi])  # noqa: E731
+    task = Task(TaskSpec("toy"), 3, split(0, 20), split(20, 27), split(27, 40), "hash")
+    trajectory = fine_tune(
+        jnp.float32(1e-2), adam, spec, init_params(spec, jax.random.key(1)), task, 10, 8,
+        jax.random.key(2), eval_points=5,
+    )
+    val, test = trajectory.eval_example_loss
+    assert val.shape == (6, 7) and test.shape == (6, 13)  # [E + 1, N] per split
+    np.testing.assert_allclose(test.mean(axis=1), trajectory.eval_loss[TEST], rtol=1e-6)
+    np.testing.assert_allclose(val.mean(axis=1), trajectory.eval_loss[VAL], rtol=1e-6)
+    assert float(jnp.std(test[-1])) > 0  # losses of distinct examples, not a broadcast mean

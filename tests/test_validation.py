@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -288,27 +288,15 @@ def test_per_example_losses_make_the_rows_resample_test_examples():
     assert sample.arrays[1].shape == (3, 50, 1)  # [seeds, examples, baselines]
 
 
-class _TrajectoryWithExamples(NamedTuple):
-    """What :class:`lopt.training.Trajectory` would carry once unroll reports per-example
-    losses (one ``[E + 1, N]`` array per eval split)."""
-
-    params: Any
-    train_loss: Any
-    eval_steps: Any
-    eval_loss: Any
-    eval_accuracy: Any
-    eval_example_loss: Any = None
-
-
 def test_summarize_keeps_per_example_losses_when_the_unroll_reports_them():
     n = 3
 
     def trajectory(example_losses):
-        base = Trajectory(
+        return Trajectory(
             params={}, train_loss=np.zeros(4), eval_steps=np.arange(n) * 2,
             eval_loss=np.ones((2, n), np.float32), eval_accuracy=np.ones((2, n), np.float32),
+            eval_example_loss=example_losses,
         )
-        return _TrajectoryWithExamples(*base, eval_example_loss=example_losses)
 
     val = np.zeros((n, 4))
     test = np.arange(n * 5, dtype=np.float32).reshape(n, 5)  # [E + 1, N]
@@ -317,7 +305,7 @@ def test_summarize_keeps_per_example_losses_when_the_unroll_reports_them():
     curves = example_loss_curves(runs)
     assert curves.shape == (2, 5, n)  # [seeds, examples, curve points]
     assert curves[0, 2, 1] == math.inf and curves[1, 0, 2] == test[2, 0] + 1
-    assert example_loss_curves(runs[:1] + [runs[1][:5]]) is None  # a run without them: none
+    assert example_loss_curves(runs[:1] + [runs[1]._replace(eval_example_loss=None)]) is None  # a run without them: none
     result = summarize(runs, type("T", (), {"name": "t"})(), 4, "adam", 1e-3)
     assert result.test_example_loss_curves is not None and "test_example_loss_curves" not in result.to_json()
 
