@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lopt.l3rs import L3RS, MetaParams
+from lopt.l3rs import L3RS, MetaParams, eval_params
 from lopt.meta_training import (
     Estimate,
     clipped_log,
@@ -92,8 +92,8 @@ class TruncatedBackprop:
         optimizer = self.l3rs.opt_fn(theta, self.horizon)
         window_step = make_train_step(apply, optimizer, train, self.batch_size)
         window_keys = jax.lax.dynamic_slice_in_dim(keys, start, self.truncation)
-        (params, _), _ = jax.lax.scan(window_step, jax.lax.stop_gradient(carry), window_keys)
-        loss, _ = evaluate(apply, params, val)
+        (params, opt_state), _ = jax.lax.scan(window_step, jax.lax.stop_gradient(carry), window_keys)
+        loss, _ = evaluate(apply, eval_params(opt_state, params), val)
         return clipped_log(loss, self.max_log_loss)
 
     def _sample(self, theta: MetaParams, key: jax.Array) -> tuple[MetaParams, jax.Array]:
