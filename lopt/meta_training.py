@@ -7,9 +7,16 @@ truncated backprop) implement the same protocol.
 
 The meta-objective (:class:`FinalValidationLoss`) is the log of the validation loss after a
 full fine-tuning unroll of the pretrained model with a fresh head. A calibration run here
-(DESIGN.md §5) found the mean training loss over the unroll overfits, the final validation
-loss on a held-out split does not; the log makes easy and hard tasks weigh alike, and a clip
-keeps one diverging unroll from wrecking θ.
+found the mean training loss over the unroll overfits, the final validation loss on a
+held-out split does not; the log makes easy and hard tasks weigh alike, and a clip on both
+sides keeps one diverging (or perfectly fitting) unroll from wrecking θ. Optionally it mixes
+in the mean log validation loss along the run (``speed_weight``), since the promotion gate
+reads speed (steps to a baseline's final loss) as well as final losses.
+
+Meta-training-only options, all off by default: task augmentation inside the unroll
+(:mod:`lopt.task_augmentation`), sign- or rank-normalized ES differences
+(:class:`AntitheticES`), log-uniformly weighted horizons and random batch sizes
+(:class:`RandomChoice`).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +35,10 @@ import optax
 from tqdm.auto import tqdm
 
 from lopt.checkpointing import MetaTrainCheckpoints, MetaTrainState
-from lopt.l3rs import L3RS, MetaParams
+from lopt.config import ES_NORMALIZATIONS
+from lopt.l3rs import L3RS, MetaParams, eval_params
 from lopt.models import ModelSpec, Params, model_fn, starting_params
+from lopt.task_augmentation import TaskAugmentation
 from lopt.tasks import TaskFamily
 from lopt.training import unroll
 
@@ -45,6 +55,11 @@ class GradientEstimator(Protocol):
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate: ...
 
 
+MIN_LOG_LOSS = math.log(1e-4)
+"""The objective's floor: a validation loss below 1e-4 (no task here comes near) counts as
+1e-4, so a run that fits its validation split exactly (log 0 = −inf) is bounded too."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FinalValidationLoss:
     """``log(val loss after T steps)`` of one fine-tuning run, a function of (θ, key).
@@ -53,6 +68,16 @@ class FinalValidationLoss:
     initialization and the minibatch order, so an antithetic pair evaluated with one key sees
     the same task instance, and the meta-objective is an expectation over the family.
     ``start`` is where each run starts (:func:`lopt.models.starting_params`).
+
+    With ``speed_weight`` w > 0 the value is ``(1 − w)·log L(T) + w·mean_k log L(kT/K)``
+    over ``speed_points`` K evenly spaced evaluations (the last is T): a run that gets low
+    early scores better, which is what the gate's steps-to-target measures, while the final
+    loss keeps most of the weight (with w = ½, K = 4: 5/8 on T, 1/8 on each earlier point).
+    Each log is clipped to ``[min_log_loss, max_log_loss]`` (:func:`clipped_log`).
+
+    ``augmentation`` (meta-training only, :mod:`lopt.task_augmentation`) is drawn from the
+    key too, so both members of an ES pair run the same augmented task. Off (the default),
+    nothing is drawn and the unroll is the plain one.
     """
 
     l3rs: L3RS
@@ -63,31 +88,74 @@ class FinalValidationLoss:
     batch_size: int
     max_log_loss: float = 3.0
     start: str = "pretrained"
+    speed_weight: float = 0.0
+    speed_points: int = 4
+    min_log_loss: float = MIN_LOG_LOSS
+    augmentation: TaskAugmentation = TaskAugmentation()
 
-    def __call__(self, theta: MetaParams, key: jax.Array) -> jax.Array:
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.speed_weight <= 1.0:
+            raise ValueError(f"speed_weight must lie in [0, 1], got {self.speed_weight}.")
+        if self.speed_weight > 0 and (self.speed_points < 1 or self.horizon % self.speed_points):
+            raise ValueError(
+                f"speed_points ({self.speed_points}) must be positive and divide the horizon "
+                f"({self.horizon}): the run is evaluated every horizon / speed_points steps."
+            )
+        if not self.min_log_loss < self.max_log_loss:
+            raise ValueError(
+                f"min_log_loss ({self.min_log_loss}) must be below max_log_loss ({self.max_log_loss})."
+            )
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between validation measurements: the horizon, or its ``speed_points``-th."""
+        return self.horizon // self.speed_points if self.speed_weight > 0 else self.horizon
+
+    def curve(self, theta: MetaParams, key: jax.Array) -> jax.Array:
+        """The validation losses of the run at every ``eval_every`` steps after step 0 (just
+        the final one without the speed term), unclipped."""
         task_key, head_key, data_key = jax.random.split(key, 3)
         train, val = self.family.sample(task_key)
         num_classes = self.family.num_classes
         params = starting_params(self.spec, self.pretrained, num_classes, head_key, self.start)
+        run = (params, theta, self.l3rs.opt_fn, eval_params)
+        if self.augmentation.active:
+            # A key of its own: without augmentation the task, head and data are as before.
+            run = self.augmentation(jax.random.fold_in(key, 1), *run)
+        params, hparams, make_optimizer, measure_at = run
         trajectory = unroll(
-            theta,
+            hparams,
             params,
             train,
             (val,),
             data_key,
             model_fn=model_fn(self.spec.with_num_classes(num_classes)),
-            make_optimizer=self.l3rs.opt_fn,
+            make_optimizer=make_optimizer,
             num_steps=self.horizon,
             batch_size=self.batch_size,
-            eval_every=self.horizon,
+            eval_every=self.eval_every,
+            eval_params=measure_at,
         )
-        return clipped_log(trajectory.eval_loss[0, -1], self.max_log_loss)
+        return trajectory.eval_loss[0, 1:]  # step 0 is the same for every θ
+
+    def __call__(self, theta: MetaParams, key: jax.Array) -> jax.Array:
+        losses = self.curve(theta, key)
+        final = clipped_log(losses[-1], self.max_log_loss, self.min_log_loss)
+        if self.speed_weight == 0:
+            return final
+        along = clipped_log(losses, self.max_log_loss, self.min_log_loss)
+        return (1.0 - self.speed_weight) * final + self.speed_weight * jnp.mean(along)
 
 
-def clipped_log(loss: jax.Array, max_log_loss: float) -> jax.Array:
-    """``log(loss)`` capped at ``max_log_loss``: a diverged run (NaN/inf) counts as the worst
-    allowed value, so one bad unroll cannot dominate or poison a meta-gradient."""
-    return jnp.clip(jnp.nan_to_num(jnp.log(loss), nan=max_log_loss), max=max_log_loss)
+def clipped_log(
+    loss: jax.Array, max_log_loss: float, min_log_loss: float = MIN_LOG_LOSS
+) -> jax.Array:
+    """``log(loss)`` clipped to ``[min_log_loss, max_log_loss]``: a diverged run (NaN/inf)
+    counts as the worst allowed value and a zero loss as the best, so one bad (or perfect)
+    unroll cannot dominate or poison a meta-gradient."""
+    return jnp.clip(
+        jnp.nan_to_num(jnp.log(loss), nan=max_log_loss), min_log_loss, max_log_loss
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,6 +173,23 @@ class AntitheticES:
     partitioned program differently, and 200 training steps amplify the rounding differences
     into visibly different losses.)
 
+    ``normalization`` replaces each pair's difference ``f⁺ − f⁻`` so that no task dominates
+    the estimate by its scale (a hard or unstable task's differences can be 100× an easy
+    one's, and the log only partly evens them):
+
+    * ``"none"``: the raw difference, the unbiased estimate above.
+    * ``"sign"``: ``sign(f⁺ − f⁻)``, as VeLO's ``sign_delta_loss_scalar`` (learned_optimization
+      ``full_es.py``): every pair votes ±ε/(2σ), whatever its magnitude; a tie (both runs
+      clipped at the same bound) votes 0.
+    * ``"rank"``: ``sign(f⁺ − f⁻) · r/n``, ``r`` the rank (1..n) of ``|f⁺ − f⁻|`` among the
+      step's n pairs: the order of the magnitudes counts, their scale does not. Signed ranks
+      of the differences, not centered ranks of the values as OpenAI-ES ranks fitness: a
+      centered rank of the differences would subtract the step's median, a baseline that
+      antithetic pairs do not need.
+
+    Both are biased (their expectation is not ∇θ), but both point up the gradient on average
+    for a smooth objective (for a linear one, E[sign(εᵀg) ε] ∝ g).
+
     Its variance grows with the number of meta-parameters over the number of pairs: measured
     here at the untrained θ (390 meta-parameters, T = 200), two independent 8-pair estimates
     have a mean cosine of 0.007, i.e. almost no signal per meta-step, while whole-unroll
@@ -116,11 +201,16 @@ class AntitheticES:
     num_pairs: int
     sigma: float
     samples_per_program: int | None = None
+    normalization: str = "none"
 
     def __post_init__(self) -> None:
         if self.num_pairs < 1 or self.sigma <= 0:
             raise ValueError(
                 f"ES needs num_pairs >= 1 and sigma > 0, got {self.num_pairs}, {self.sigma}."
+            )
+        if self.normalization not in ES_NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown ES normalization {self.normalization!r}; choose from {list(ES_NORMALIZATIONS)}."
             )
         per_program = samples_per_program(self.samples_per_program, self.num_pairs)
         object.__setattr__(self, "samples_per_program", per_program)
@@ -144,12 +234,20 @@ class AntitheticES:
         else:
             # Vectorized pairs (an accelerator): both signs in the batch too.
             plus, minus = jax.vmap(objective)(antithetic)
-        scale = (plus - minus) / (2.0 * self.sigma)
-        return jax.tree.map(lambda e: scale * e, eps), (plus + minus) / 2.0
+        if self.normalization == "none":
+            scale = (plus - minus) / (2.0 * self.sigma)
+        else:
+            scale = jnp.sign(plus - minus) / (2.0 * self.sigma)
+        gradient = jax.tree.map(lambda e: scale * e, eps)
+        if self.normalization == "rank":
+            # |f⁺ − f⁻| goes along: the step's ranks weight the signs (_combine_ranked).
+            return gradient, ((plus + minus) / 2.0, jnp.abs(plus - minus))
+        return gradient, (plus + minus) / 2.0
 
     def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
         return estimate_on_devices(
-            self._sample_fn, theta, jax.random.split(key, self.num_pairs), self.samples_per_program
+            self._sample_fn, theta, jax.random.split(key, self.num_pairs), self.samples_per_program,
+            combine=_combine_ranked if self.normalization == "rank" else _combine,
         )
 
 
@@ -193,6 +291,7 @@ def estimate_on_devices(
     theta: MetaParams,
     keys: jax.Array,
     per_program: int = 1,
+    combine: Callable[..., Estimate] | None = None,
 ) -> Estimate:
     """Averages ``sample(θ, key) -> (gradient, objective)`` over ``keys``, ``per_program``
     samples per call of ``program`` (from :func:`sample_program`), the calls dispatched
@@ -204,6 +303,9 @@ def estimate_on_devices(
     single-device program from its own keys, so for a given ``per_program`` the estimate is
     bitwise the same on any number of devices. (``vmap``-ed chunks round differently from
     single samples: ~1e-6 relative, see the tests.)
+
+    ``combine(results, batched)`` reduces the samples' results (default: :func:`_combine`,
+    the mean).
     """
     chunks = [keys[i : i + per_program] for i in range(0, len(keys), per_program)]
     if per_program == 1:
@@ -214,7 +316,7 @@ def estimate_on_devices(
         program(*jax.device_put((theta, chunk), devices[i % len(devices)]))
         for i, chunk in enumerate(chunks)
     ]
-    return _combine(jax.device_put(results, devices[0]), batched=per_program > 1)
+    return (combine or _combine)(jax.device_put(results, devices[0]), batched=per_program > 1)
 
 
 @functools.partial(jax.jit, static_argnames="batched")
@@ -234,47 +336,143 @@ def _combine(results: list[tuple[MetaParams, jax.Array]], batched: bool) -> Esti
     )
 
 
+@functools.partial(jax.jit, static_argnames="batched")
+def _combine_ranked(
+    results: list[tuple[MetaParams, tuple[jax.Array, jax.Array]]], batched: bool
+) -> Estimate:
+    """As :func:`_combine` for samples that also return a magnitude: each sample's gradient is
+    weighted by the rank of its magnitude among all of them, ``r/n`` with ``r`` in 1..n
+    (ties broken by order), before the mean."""
+    join = jnp.concatenate if batched else jnp.stack
+    values = join([v for _, (v, _) in results])
+    magnitudes = join([m for _, (_, m) in results])
+    ranks = jnp.argsort(jnp.argsort(magnitudes, stable=True), stable=True) + 1
+    weights = ranks.astype(jnp.float32) / magnitudes.shape[0]
+    gradient = jax.tree.map(
+        lambda *g: jnp.mean(weights.reshape((-1,) + (1,) * (g[0].ndim - batched)) * join(g), axis=0),
+        *[g for g, _ in results],
+    )
+    return Estimate(
+        gradient=gradient,
+        metrics={
+            "objective": jnp.mean(values),
+            "objective_std": jnp.std(values),
+            "gradient_norm": optax.tree.norm(gradient),
+        },
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class RandomHorizon:
+class RandomChoice:
+    """Draws, per meta-step, which of ``estimators`` (keyed by an integer setting, e.g. the
+    horizon) gives the estimate: uniformly, or with ``weights`` (in the order of the sorted
+    settings). The draw is on the host, so each setting is its own compiled program and all
+    of a step's pairs share it."""
+
+    estimators: Mapping[int, GradientEstimator]
+    weights: tuple[float, ...] | None = None
+    metric: str = "choice"
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and (
+            len(self.weights) != len(self.estimators) or min(self.weights) < 0 or sum(self.weights) <= 0
+        ):
+            raise ValueError(
+                f"weights must be one non-negative number per setting ({sorted(self.estimators)}), "
+                f"not all zero; got {self.weights}."
+            )
+
+    def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
+        choice_key, key = jax.random.split(key)
+        settings = sorted(self.estimators)
+        if self.weights is None:
+            index = jax.random.randint(choice_key, (), 0, len(settings))
+        else:
+            p = jnp.asarray(self.weights, jnp.float32)
+            index = jax.random.choice(choice_key, len(settings), p=p / jnp.sum(p))
+        setting = settings[int(index)]
+        estimate = self.estimators[setting](theta, key)
+        return Estimate(estimate.gradient, {**estimate.metrics, self.metric: setting})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RandomHorizon(RandomChoice):
     """Draws the unroll horizon T of each meta-step from ``estimators`` (one per T).
 
     With T among the optimizer's inputs (t/T, log T), training over several horizons teaches
     the schedule to stretch, so the optimizer works at horizons longer than any single one.
+    ``weights`` from :func:`log_uniform_weights` make the draw log-uniform over the range of
+    horizons, as VeLO draws its unroll lengths (learned_optimization's
+    ``LogUniformLengthSchedule``), whatever their spacing.
     """
 
-    estimators: Mapping[int, GradientEstimator]
+    metric: str = "horizon"
 
-    def __call__(self, theta: MetaParams, key: jax.Array) -> Estimate:
-        choice_key, key = jax.random.split(key)
-        horizons = sorted(self.estimators)
-        horizon = horizons[int(jax.random.randint(choice_key, (), 0, len(horizons)))]
-        estimate = self.estimators[horizon](theta, key)
-        return Estimate(estimate.gradient, {**estimate.metrics, "horizon": horizon})
+
+def log_uniform_weights(settings: Sequence[int]) -> tuple[float, ...]:
+    """Weights for the sorted ``settings`` that make a draw among them the discrete version of
+    a log-uniform one: each gets the width, in log, of the settings it is nearest to (its
+    cell between the midpoints to its neighbours; the end cells as wide on the outside as on
+    the inside). Evenly log-spaced settings (T/2, T, 2T, 4T, 8T) get equal weights; a set
+    like (100, 200, 300) weighs 300 down, since [100, 300] is mostly below 200 in log."""
+    logs = [math.log(h) for h in sorted(settings)]
+    if len(logs) == 1:
+        return (1.0,)
+    bounds = [logs[0] - (logs[1] - logs[0]) / 2]
+    bounds += [(a + b) / 2 for a, b in zip(logs, logs[1:])]
+    bounds += [logs[-1] + (logs[-1] - logs[-2]) / 2]
+    widths = [b - a for a, b in zip(bounds, bounds[1:])]
+    return tuple(w / sum(widths) for w in widths)
+
+
+def meta_objective(
+    cfg: MetaTrainConfig,
+    l3rs: L3RS,
+    spec: ModelSpec,
+    pretrained: Params,
+    family: TaskFamily,
+    horizon: int,
+    batch_size: int,
+) -> FinalValidationLoss:
+    """The meta-objective ``cfg`` configures at one horizon and batch size: its objective
+    (final, or final + speed) and its augmentation."""
+    return FinalValidationLoss(
+        l3rs, spec, pretrained, family, horizon, batch_size, start=cfg.start,
+        speed_weight=cfg.speed_weight if cfg.objective == "final+speed" else 0.0,
+        speed_points=cfg.speed_points,
+        augmentation=TaskAugmentation(cfg.weight_scale, cfg.tensor_scale, cfg.head_init_scale),
+    )
 
 
 def make_estimator(
     cfg: MetaTrainConfig, l3rs: L3RS, spec: ModelSpec, pretrained: Params, family: TaskFamily
 ) -> GradientEstimator:
     """The estimator ``cfg`` configures (:class:`lopt.config.MetaTrainConfig`), drawing each
-    meta-step's horizon from ``cfg.horizons``."""
+    meta-step's horizon from ``cfg.horizons`` (uniformly, or log-uniformly with
+    ``horizon_sampling``) and then, with ``cfg.batch_sizes``, its batch size."""
     from lopt.truncated_backprop import TruncatedBackprop  # It builds on this module.
 
-    def for_horizon(horizon: int) -> GradientEstimator:
+    def for_setting(horizon: int, batch_size: int) -> GradientEstimator:
         if cfg.estimator in ("tbptt", "backprop"):
             truncation = horizon if cfg.estimator == "backprop" else min(cfg.truncation, horizon)
             return TruncatedBackprop(
-                l3rs, spec, pretrained, family, horizon, cfg.batch_size, truncation,
+                l3rs, spec, pretrained, family, horizon, batch_size, truncation,
                 cfg.num_tasks, start=cfg.start, samples_per_program=cfg.samples_per_program,
             )
-        objective = FinalValidationLoss(
-            l3rs, spec, pretrained, family, horizon, cfg.batch_size, start=cfg.start
-        )
         return AntitheticES(
-            objective, num_pairs=cfg.num_pairs, sigma=cfg.sigma,
-            samples_per_program=cfg.samples_per_program,
+            meta_objective(cfg, l3rs, spec, pretrained, family, horizon, batch_size),
+            num_pairs=cfg.num_pairs, sigma=cfg.sigma,
+            samples_per_program=cfg.samples_per_program, normalization=cfg.es_normalization,
         )
 
-    return RandomHorizon({h: for_horizon(h) for h in cfg.horizons or (cfg.horizon,)})
+    def for_horizon(horizon: int) -> GradientEstimator:
+        if not cfg.batch_sizes:
+            return for_setting(horizon, cfg.batch_size)
+        return RandomChoice({b: for_setting(horizon, b) for b in cfg.batch_sizes}, metric="batch_size")
+
+    horizons = sorted(set(cfg.horizons or (cfg.horizon,)))
+    weights = log_uniform_weights(horizons) if cfg.horizon_sampling == "log_uniform" else None
+    return RandomHorizon({h: for_horizon(h) for h in horizons}, weights=weights)
 
 
 class MetaTrainResult(NamedTuple):
