@@ -85,6 +85,9 @@ import optax
 DIRECTIONS: tuple[str, ...] = ("adam", "momentum", "gradient", "rmsprop", "sign_momentum")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant", "warmup_constant")
 AVERAGING: tuple[str, ...] = ("none", "schedule_free")
+NORMALIZATIONS: tuple[str, ...] = ("unit_rms", "scale_free")
+# Directions without the gradient's units: Adam's and RMSProp's ratios to √v̂, and signs.
+DIMENSIONLESS: frozenset[str] = frozenset({"adam", "rmsprop", "sign_momentum"})
 
 MetaParams = dict[str, Any]
 """θ: ``{"layer_embeddings": [L, E], "mlp": {"w1", "b1", "w2", "b2"}}``."""
@@ -197,6 +200,11 @@ class L3RSConfig:
     interpolation: float = 0.9
     # The untrained optimizer prefers this direction with softmax weight ~0.65 for 5 directions.
     init_direction: str = "adam"
+    # "unit_rms": every direction is scaled to unit RMS per layer. "scale_free": only the
+    # directions that carry the gradient's units (momentum, gradient) are; the dimensionless
+    # ones keep their magnitude (Adam's is bias-corrected), which shrinks as the gradient's
+    # signal-to-noise ratio falls: Adam's own brake on noisy, small-data steps.
+    normalization: str = "unit_rms"
     init_direction_logit: float = 2.0
     init_output_scale: float = 0.01
     # Steps between refreshes of the controller (layer statistics, MLP, direction
@@ -222,6 +230,10 @@ class L3RSConfig:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}.")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown normalization {self.normalization!r}; choose from {list(NORMALIZATIONS)}."
+            )
         if self.averaging not in AVERAGING:
             raise ValueError(f"Unknown averaging {self.averaging!r}; choose from {list(AVERAGING)}.")
         if not _MIN_INTERPOLATION < self.interpolation < 1.0:
@@ -265,8 +277,9 @@ class L3RSConfig:
         kwargs.setdefault("horizon_exponent", 0.0)
         # ... and refreshed their controller at every step ...
         kwargs.setdefault("control_interval", 1)
-        # ... and moved the parameters themselves.
+        # ... and moved the parameters themselves, along unit-RMS directions.
         kwargs.setdefault("averaging", "none")
+        kwargs.setdefault("normalization", "unit_rms")
         return cls(**kwargs)
 
 
@@ -517,27 +530,38 @@ class L3RS:
         ]
 
     def direction_inverse_rms(
-        self, grads: optax.Updates, mu: optax.Updates, nu_hat: optax.Updates
+        self, grads: optax.Updates, mu: optax.Updates, nu_hat: optax.Updates, count: jax.Array
     ) -> jax.Array:
         """``1 / rms(d)`` for every layer's base directions ``[L, P]``, the scalars that scale
-        each to unit RMS (``d̂ = d / rms(d)``).
+        each to unit RMS (``d̂ = d / rms(d)``); with ``scale_free`` normalization the
+        dimensionless directions get their bias correction instead (``1 / (1 − b1^t)`` for
+        Adam's uncorrected ``m``, 1 for the others).
 
         They are kept apart from the directions so that the mixture multiplies scalars first
         and each element once (dividing every element of every direction cost a pass per
         direction).
         """
-        names = self.config.directions
+        c = self.config
+        # Adam's m is stored uncorrected; momentum_correction carries this to later steps.
+        adam_correction = 1.0 / (1.0 - c.b1 ** count.astype(jnp.float32))
+
+        def factor(name: str, normalized: bool, d: jax.Array, m: jax.Array) -> jax.Array:
+            if not normalized:
+                return adam_correction if name == "adam" else jnp.float32(1.0)
+            # sign(m)'s mean square is the fraction of nonzero entries, read off m. One
+            # reduction per direction, not one over a stacked [P, *shape] copy, which measured
+            # twice as slow.
+            mean_square = (
+                jnp.mean((m != 0).astype(jnp.float32)) if name == "sign_momentum"
+                else jnp.mean(jnp.square(d))
+            )
+            return 1.0 / (jnp.sqrt(mean_square + _SQRT_FLOOR) + 1e-12)
 
         def per_layer(directions, m):
-            mean_squares = [
-                # sign(m)'s mean square is the fraction of nonzero entries, read off m.
-                jnp.mean((m != 0).astype(jnp.float32)) if name == "sign_momentum"
-                # One reduction per direction, not one over a stacked [P, *shape] copy, which
-                # measured twice as slow.
-                else jnp.mean(jnp.square(d))
-                for name, d in zip(names, directions)
-            ]
-            return 1.0 / (jnp.sqrt(jnp.stack(mean_squares) + _SQRT_FLOOR) + 1e-12)
+            return jnp.stack([
+                factor(name, normalized, d, m)
+                for name, normalized, d in zip(c.directions, self.normalized_directions, directions)
+            ])
 
         return jnp.stack(
             [
@@ -644,7 +668,7 @@ class L3RS:
                 )
                 return refreshed._replace(
                     controls=self.controls(theta, self.features(theta, refreshed, num_steps)),
-                    inverse_rms=self.direction_inverse_rms(grads, mu, nu_hat()),
+                    inverse_rms=self.direction_inverse_rms(grads, mu, nu_hat(), count),
                     refresh_gradient_norms=grad_norms,
                 )
 
@@ -673,9 +697,14 @@ class L3RS:
                 * controls.mixing_coefficients
                 * state.inverse_rms
                 * self.momentum_correction(count)
-                # A gradient larger than at the refresh shrinks the whole step by the ratio, so
-                # a stale normalizer cannot turn a gradient spike into a step larger than λ.
-                * jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None]
+                # A gradient larger than at the refresh shrinks a normalized direction's step by
+                # the ratio, so a stale normalizer cannot turn a gradient spike into a step
+                # larger than λ (a scale-free direction has no normalizer to go stale).
+                * jnp.where(
+                    self.normalized_directions,
+                    jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None],
+                    1.0,
+                )
             )
             leaves, treedef = jax.tree.flatten(grads)
             steps = [
@@ -726,6 +755,14 @@ class L3RS:
             fast_iterate=jax.tree.unflatten(treedef, fast),
             interpolation=interpolation,
             average_weight=average_weight,
+        )
+
+    @property
+    def normalized_directions(self) -> np.ndarray:
+        """Per direction ``[P]``, whether it is scaled to unit RMS at refreshes."""
+        c = self.config
+        return np.asarray(
+            [c.normalization == "unit_rms" or name not in DIMENSIONLESS for name in c.directions]
         )
 
     def momentum_correction(self, count: jax.Array) -> jax.Array:

@@ -484,7 +484,10 @@ def validate(
         return tasks[task_spec.name]
 
     plan = [(checkpoints[0], t, True, m) for t in config.tasks for m in config.horizon_multiples]
-    plan += [(checkpoints[0], t, False, m) for t in config.reference_tasks for m in config.horizon_multiples]
+    plan += [
+        (checkpoints[0], t, False, m)
+        for t in config.reference_tasks for m in config.reference_horizon_multiples
+    ]
     plan += [(c, t, True, 1) for c in checkpoints[1:] for t in config.tasks]
     for checkpoint, task_spec, held_out, multiple in plan:
         task = task_of(task_spec)

@@ -486,3 +486,38 @@ def test_optimizers_saved_before_averaging_load_without_it():
     data = L3RSConfig().to_json()
     del data["averaging"], data["interpolation"], data["warmup_fraction"]
     assert L3RSConfig.from_json(data).averaging == "none"
+
+
+@pytest.mark.parametrize("control_interval", [1, 4])
+def test_scale_free_adam_direction_is_adams_own_update(control_interval):
+    """With scale-free normalization the Adam direction keeps Adam's magnitude (bias-corrected
+    m̂ / √v̂), which shrinks when the gradient is noisy, instead of being scaled to unit RMS."""
+    params = _params()
+    config = L3RSConfig(
+        normalization="scale_free", base_learning_rate=0.01, schedule="constant",
+        horizon_exponent=0.0, control_interval=control_interval,
+    )
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    mine = l3rs.opt_fn(constant_meta_params(l3rs, "adam"), num_steps=10)
+    adam = optax.adam(0.01)
+    s_mine, s_adam = mine.init(params), adam.init(params)
+    for step in range(7):
+        # A gradient that shrinks: no step exceeds the refresh's, so the cap never binds.
+        grads = jax.tree.map(lambda g: g / (1.0 + step), _grads(params, step))
+        u_mine, s_mine = mine.update(grads, s_mine, params, value=1.0)
+        u_adam, s_adam = adam.update(grads, s_adam, params)
+        assert _max_difference(u_mine, u_adam) < 1e-6
+    assert max(_rms(u) for u in jax.tree.leaves(u_adam)) < 0.01 * 0.9  # not unit RMS
+
+
+def test_unit_rms_normalization_scales_the_adam_direction_to_the_step_size():
+    params = _params()
+    config = L3RSConfig(
+        base_learning_rate=0.01, schedule="constant", horizon_exponent=0.0, control_interval=1
+    )
+    l3rs = L3RS(config, LayerLayout.from_params(params))
+    opt = l3rs.opt_fn(constant_meta_params(l3rs, "adam"), num_steps=10)
+    state = opt.init(params)
+    for step in range(3):
+        updates, state = opt.update(_grads(params, step), state, params, value=1.0)
+    assert all(abs(_rms(u) - 0.01) < 1e-4 for u in jax.tree.leaves(updates))
