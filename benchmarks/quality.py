@@ -75,7 +75,7 @@ if __name__ == "__main__":
     # Before JAX starts: one host device per core, so that meta-training spreads its ES pairs
     # over every core (lopt.meta_training shards pairs over the local devices); an XLA_FLAGS
     # that sets the device count already wins. Evaluation runs on the first device, one run
-    # after another (vmapping CNN runs is no faster on CPU, DESIGN.md §3).
+    # after another (vmapping CNN runs is no faster on CPU, docs/design.md §3).
     from lopt.host import use_all_cores
 
     use_all_cores()

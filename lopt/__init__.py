@@ -1,6 +1,6 @@
 """lopt: learned optimizers (L3RS) specialized to one pretrained model and its kind of data.
 
-The public contract (DESIGN.md §2)::
+The public contract (docs/design.md §2)::
 
     import lopt
     model_fn, params, info = lopt.load_pretrained("models:/cnn-mnist@champion", num_classes=k)

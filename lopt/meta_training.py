@@ -259,7 +259,7 @@ def samples_per_program(requested: int | None, num_samples: int) -> int:
     """How many samples one compiled program ``vmap``-s: ``requested`` (at most
     ``num_samples``), or by platform when ``None``.
 
-    On CPU, one: a ``vmap`` over copies of a CNN costs ~40× one copy there (DESIGN.md §3), so
+    On CPU, one: a ``vmap`` over copies of a CNN costs ~40× one copy there (docs/design.md §3), so
     samples run one per program, concurrently on one XLA device per core. On an accelerator,
     each device's whole share: one small unroll leaves a GPU idle between kernel launches, and a
     batch of hundreds costs about as much wall time as one.
@@ -299,7 +299,7 @@ def estimate_on_devices(
 
     On CPU, with one XLA device per core (:func:`lopt.host.use_all_cores`), the samples run
     concurrently, one per core, which is faster than one program XLA threads over the cores
-    or a ``vmap`` over CNN unrolls (DESIGN.md §3). Every chunk of samples runs the same
+    or a ``vmap`` over CNN unrolls (docs/design.md §3). Every chunk of samples runs the same
     single-device program from its own keys, so for a given ``per_program`` the estimate is
     bitwise the same on any number of devices. (``vmap``-ed chunks round differently from
     single samples: ~1e-6 relative, see the tests.)

@@ -7,7 +7,7 @@ different number of classes replaces exactly that subtree (:func:`with_fresh_hea
 
 Convolutions are computed as im2col + matmul (:class:`PatchConv`): for these tiny CNNs on CPU,
 ``lax.conv`` is several times slower than patches + one matmul, above all inside ``lax.scan``
-(DESIGN.md §3, §5). The parameters have the meaning of a 3×3 conv kernel, flattened to
+(docs/design.md §3). The parameters have the meaning of a 3×3 conv kernel, flattened to
 ``[kh·kw·C_in, C_out]``.
 """
 

@@ -1,6 +1,6 @@
 """Plots of a validation run, and the static HTML report that gathers them.
 
-Three views answer the questions a reviewer of a learned optimizer asks (DESIGN.md §1):
+Three views answer the questions a reviewer of a learned optimizer asks (docs/design.md §1):
 
 * **Learning curves** per held-out task and horizon: is the learned optimizer faster than
   each tuned baseline, and does the advantage last at 2× and 4× the meta-training horizon?

@@ -1,4 +1,4 @@
-"""The dependency rules of DESIGN.md §2, checked: the core never imports kfp, only its registry
+"""The dependency rules of docs/design.md §2, checked: the core never imports kfp, only its registry
 module imports MLflow, and meta-training runs from arrays where neither MLflow nor TFDS is
 installed (an accelerator machine, ``benchmarks/es_pairs.py``)."""
 

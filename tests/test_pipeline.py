@@ -69,7 +69,7 @@ def test_local_run_registers_a_fetchable_optimizer(tmp_path, capsys, monkeypatch
     assert {p.name for p in page.parent.iterdir()} >= {"learning_curves.png", "mixing.png", "learning_rates.png"}
     assert "data:image/png;base64," in page.read_text()
 
-    # The contract of DESIGN.md §2, end to end.
+    # The contract of docs/design.md §2, end to end.
     model_fn, params, info = lopt.load_pretrained("models:/cnn-mnist@champion", num_classes=10, tracking_uri=uri)
     opt = lopt.fetch_optimizer("models:/l3rs-cnn-mnist@challenger", num_steps=40, tracking_uri=uri)
     images = jnp.zeros((8, *info["input_shape"]))
