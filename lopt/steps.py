@@ -22,7 +22,7 @@ import numpy as np
 
 from lopt import registry
 from lopt.config import RunConfig, get_config, variant_label, with_variant
-from lopt.data import load_dataset
+from lopt.data import DatasetUnavailableError, load_dataset
 from lopt.evaluation import pretrain, trace_controls
 from lopt.hub import (
     CHALLENGER,
@@ -65,10 +65,21 @@ def check_inputs(budget: str, overrides: str, data_dir: str = "") -> RunConfig:
     Loading every dataset the config names also prepares the offline ones, once, up front.
     """
     config = _config(budget, overrides)
-    specs = [config.pretrain.task, config.meta_train.family, *config.validation.tasks, *config.validation.reference_tasks]
+    specs = [config.pretrain.task, *config.validation.tasks, *config.validation.reference_tasks]
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
         for split in ("train", "test"):
             load_dataset(dataset, split, _data_dir(data_dir))
+    # A family may go on without a source that is not installed (it warns when it loads), but
+    # not without all of them, and never with a misspelt one.
+    sources = config.meta_train.family.sources
+    unavailable = []
+    for dataset in sources:
+        try:
+            load_dataset(dataset, "train", _data_dir(data_dir))
+        except DatasetUnavailableError as err:
+            unavailable.append(err)
+    if len(unavailable) == len(sources):
+        raise unavailable[0]
     return config
 
 
