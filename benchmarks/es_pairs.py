@@ -83,7 +83,8 @@ def export(args: argparse.Namespace) -> None:
     save_model(args.inputs / "model", spec, pretrained, {"base_model_uri": base["base_model_uri"]})
     np.savez_compressed(args.inputs / "family.npz", train=np.asarray(family.train), val=np.asarray(family.val))
     (args.inputs / "family.json").write_text(json.dumps(
-        {"spec": family.spec.to_json(), "content_hash": family.content_hash, "version": family.version},
+        {"spec": family.spec.to_json(), "content_hash": family.content_hash, "version": family.version,
+         "train_counts": None if family.train_counts is None else list(family.train_counts)},
         indent=1,
     ))
     print(f"wrote {args.inputs}: {base['base_model_uri']}, family {family.spec.name} "
@@ -97,9 +98,12 @@ def load_inputs(inputs: Path) -> tuple[Any, Any, TaskFamily, str]:
     family_spec = TaskFamilySpec(**{
         k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()
     })
+    # A multi-source family's slots repeat a smaller source's examples: the counts say how many
+    # are distinct, so a task drawn here samples as one drawn where the family was loaded.
+    counts = meta.get("train_counts")
     family = TaskFamily(
         family_spec, jnp.asarray(arrays["train"]), jnp.asarray(arrays["val"]),
-        meta["content_hash"], meta["version"],
+        meta["content_hash"], meta["version"], None if counts is None else tuple(counts),
     )
     return spec, jax.tree.map(jnp.asarray, pretrained), family, header["base_model_uri"]
 
@@ -108,14 +112,14 @@ def with_spec(family: TaskFamily, spec: TaskFamilySpec) -> TaskFamily:
     """The exported family's arrays sampled as the config's ``spec`` says: overrides of how
     tasks are drawn (classes per task, transforms, train_per_class) apply; what the arrays
     hold (dataset, class pool, validation fraction) must match the export."""
-    data = lambda s: (s.dataset, s.classes, s.val_fraction)
+    data = lambda s: (s.sources, s.classes, s.val_fraction, s.max_per_class)
     if data(spec) != data(family.spec):
         raise SystemExit(
             f"The config's family {spec.name} (val_fraction {spec.val_fraction}) is other data "
             f"than the exported {family.spec.name} (val_fraction {family.spec.val_fraction}): "
             "export again with the same budget and overrides."
         )
-    return TaskFamily(spec, family.train, family.val, family.content_hash, family.version)
+    return dataclasses.replace(family, spec=spec)
 
 
 def remaining(args: argparse.Namespace) -> float:

@@ -45,7 +45,8 @@ import numpy as np
 import optax
 
 from lopt import models
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+from lopt.config import get_config
+from lopt.l3rs import L3RS, LayerLayout
 from lopt.training import cross_entropy
 
 MODELS: dict[str, models.ModelSpec] = {
@@ -74,10 +75,12 @@ class Optimizer:
 
 
 def make_optimizers(
-    params: Any, horizon: int, ablation: bool, control_intervals: tuple[int, ...] = ()
+    params: Any, horizon: int, ablation: bool, control_intervals: tuple[int, ...] = (),
+    schedule_free: bool = False,
 ) -> list[Optimizer]:
     def l3rs(**overrides: Any) -> optax.GradientTransformationExtraArgs:
-        config = dataclasses.replace(L3RSConfig(), **overrides)
+        # The architecture the pipeline meta-trains (its normalization and step size).
+        config = dataclasses.replace(get_config("default").meta_train.l3rs, **overrides)
         method = L3RS(config, LayerLayout.from_params(params))
         return method.opt_fn(method.init(jax.random.key(1, impl="rbg")), num_steps=horizon)
 
@@ -90,6 +93,11 @@ def make_optimizers(
     for interval in control_intervals:
         optimizers.append(
             Optimizer(f"l3rs_every{interval}", l3rs(control_interval=interval), takes_value=True)
+        )
+    if schedule_free:
+        # The averaging option keeps the fast iterate z: one more copy of the parameters.
+        optimizers.append(
+            Optimizer("l3rs_schedule_free", l3rs(averaging="schedule_free"), takes_value=True)
         )
     return optimizers
 
@@ -170,7 +178,9 @@ def bench_config(
         jnp.asarray(rng.integers(0, spec.num_classes, size=pool_size), jnp.int32),
     )
     inputs = {"python loop": (pool[0][:batch_size], pool[1][:batch_size])}
-    optimizers = make_optimizers(params, args.horizon, args.ablation, tuple(args.control_intervals))
+    optimizers = make_optimizers(
+        params, args.horizon, args.ablation, tuple(args.control_intervals), args.schedule_free
+    )
     runners, carries, compile_s, nbytes = {}, {}, {}, {}
 
     def prepare(opt: Optimizer, regime: str) -> float:
@@ -317,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control-intervals", nargs="*", type=int, default=[],
                         help="also time L3RS refreshing its controller every N steps "
                         "(L3RSConfig.control_interval), one variant per N")
+    parser.add_argument("--schedule-free", action="store_true",
+                        help="also time L3RS with schedule-free averaging")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initial parameters and the data")
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
