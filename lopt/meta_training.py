@@ -325,7 +325,11 @@ def _combine(results: list[tuple[MetaParams, jax.Array]], batched: bool) -> Esti
     ``batched``: each result holds a leading axis of samples."""
     join = jnp.concatenate if batched else jnp.stack
     gradient = jax.tree.map(lambda *g: jnp.mean(join(g), axis=0), *[g for g, _ in results])
-    values = join([v for _, v in results])
+    return _estimate(gradient, join([v for _, v in results]))
+
+
+def _estimate(gradient: MetaParams, values: jax.Array) -> Estimate:
+    """An estimate with the samples' objective mean and spread and the gradient's norm."""
     return Estimate(
         gradient=gradient,
         metrics={
@@ -352,14 +356,7 @@ def _combine_ranked(
         lambda *g: jnp.mean(weights.reshape((-1,) + (1,) * (g[0].ndim - batched)) * join(g), axis=0),
         *[g for g, _ in results],
     )
-    return Estimate(
-        gradient=gradient,
-        metrics={
-            "objective": jnp.mean(values),
-            "objective_std": jnp.std(values),
-            "gradient_norm": optax.tree.norm(gradient),
-        },
-    )
+    return _estimate(gradient, values)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
