@@ -90,9 +90,22 @@ def save_optimizer(
         "horizon": horizon,
         **extra,
     }
+    check_theta_values(theta, f"θ to save in {directory}")
     (directory / "optimizer.json").write_text(json.dumps(header, indent=2, sort_keys=True))
     save_pytree(directory / "meta_params.msgpack", theta)
     return directory
+
+
+def check_theta_values(theta: MetaParams, what: str) -> None:
+    """Raises :class:`FormatError` unless every array of θ is float32 and finite: a θ cast to
+    another dtype or poisoned by a diverged meta-step would give silently wrong updates."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(theta):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        array = np.asarray(leaf)
+        if array.dtype != np.float32:
+            raise FormatError(f"{what}: {name} is {array.dtype}, expected float32.")
+        if not np.all(np.isfinite(array)):
+            raise FormatError(f"{what}: {name} holds NaN or inf values.")
 
 
 def load_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
@@ -100,4 +113,5 @@ def load_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
     l3rs = L3RS(L3RSConfig.from_json(header["config"]), LayerLayout.from_json(header["layout"]))
     theta = load_pytree(directory / "meta_params.msgpack")
     l3rs.check_meta_params(theta)
+    check_theta_values(theta, f"{directory / 'meta_params.msgpack'}")
     return l3rs, theta, header

@@ -521,3 +521,19 @@ def test_unit_rms_normalization_scales_the_adam_direction_to_the_step_size():
     for step in range(3):
         updates, state = opt.update(_grads(params, step), state, params, value=1.0)
     assert all(abs(_rms(u) - 0.01) < 1e-4 for u in jax.tree.leaves(updates))
+
+
+def test_a_non_finite_theta_is_never_saved_and_a_recast_one_never_loaded(tmp_path):
+    params = _params()
+    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
+    theta = l3rs.init(jax.random.key(0))
+    poisoned = jax.tree.map(lambda x: x, theta)
+    poisoned["mlp"]["b1"] = poisoned["mlp"]["b1"].at[0].set(jnp.nan)
+    with pytest.raises(serialization.FormatError, match="mlp/b1 holds NaN"):
+        serialization.save_optimizer(tmp_path / "nan", l3rs, poisoned, horizon=10)
+    assert not (tmp_path / "nan" / "meta_params.msgpack").exists()
+    directory = serialization.save_optimizer(tmp_path / "ok", l3rs, theta, horizon=10)
+    half = jax.tree.map(lambda x: np.asarray(x, np.float16), theta)
+    serialization.save_pytree(directory / "meta_params.msgpack", half)
+    with pytest.raises(serialization.FormatError, match="float16, expected float32"):
+        serialization.load_optimizer(directory)
