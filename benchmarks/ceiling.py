@@ -96,9 +96,10 @@ def fit_in_hindsight(
 
     Every step's objective comes from ``num_tasks`` random heads and minibatch orders, so the
     lowest one seen is biased low by the noise (the minimum of hundreds of noisy numbers).
-    Instead, ``candidates`` θ evenly spaced along the fit (the start included) are scored
-    again on ``selection_draws`` fixed draws of the validation objective, and the best mean
-    wins. Returns it, every step's metrics, and the candidates' scores.
+    Instead, ``candidates`` θ — the ones with the lowest step objectives, and as many evenly
+    spaced along the fit (the start and the end included) — are scored again on
+    ``selection_draws`` fixed draws of the validation objective, and the best mean wins.
+    Returns it, every step's metrics, and the candidates' steps and scores.
     """
     family = fixed_family(task)
     estimator = TruncatedBackprop(
@@ -122,11 +123,14 @@ def fit_in_hindsight(
         theta, state = apply(theta, state, estimate.gradient)
         trajectory.append(theta)
         step += 1
-    picks = sorted({round(i) for i in np.linspace(0, len(trajectory) - 1, candidates)})
+    # trajectory[i] is θ before step i's update: history[i] scored it.
+    lowest = np.argsort([h["objective"] for h in history])[:candidates].tolist()
+    spaced = np.linspace(0, len(trajectory) - 1, candidates).round().astype(int).tolist()
+    picks = sorted(set(lowest) | set(spaced))
     objective = jax.jit(FinalValidationLoss(l3rs, spec, pretrained, family, horizon, batch_size))
     keys = jax.random.split(jax.random.key(FIT_SEED + 1), selection_draws)
     scores = [float(np.mean([objective(trajectory[i], k) for k in keys])) for i in picks]
-    return trajectory[picks[int(np.argmin(scores))]], history, scores
+    return trajectory[picks[int(np.argmin(scores))]], history, list(zip(picks, scores))
 
 
 def _log_gap(a: float, b: float) -> float:
