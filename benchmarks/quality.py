@@ -206,7 +206,11 @@ def ablation_variants(budget: str) -> dict[str, dict[str, Any]]:
         "adam-only": directions(["adam"]),
         "3-directions": directions(["adam", "momentum", "gradient"]),
         "constant-schedule": {"meta_train": {"l3rs": {"schedule": "constant"}}},
+        # The parametrization candidates of #15, each against the shipped default.
+        "schedule-free-averaging": {"meta_train": {"l3rs": {"averaging": "schedule_free"}}},
     }
+    other = "unit_rms" if cfg.l3rs.normalization == "scale_free" else "scale_free"
+    variants[f"{other.replace('_', '-')}-directions"] = {"meta_train": {"l3rs": {"normalization": other}}}
     if cfg.horizons:
         variants["fixed-horizon"] = {"meta_train": {"horizons": []}}
     else:

@@ -188,6 +188,9 @@ def test_ablation_variants_follow_the_config():
     assert variants["adam-only"]["meta_train"]["l3rs"]["directions"] == ["adam"]
     assert variants["3-directions"]["meta_train"]["l3rs"]["directions"] == ["adam", "momentum", "gradient"]
     assert ("fixed-horizon" in variants) != ("random-horizons" in variants)
+    # The other normalization than the config's, and the averaging option, as ablations.
+    assert variants["unit-rms-directions"]["meta_train"]["l3rs"]["normalization"] == "unit_rms"
+    assert variants["schedule-free-averaging"]["meta_train"]["l3rs"]["averaging"] == "schedule_free"
     for overrides in variants.values():
         quality.get_config("default", overrides)  # every variant is a valid config
 
