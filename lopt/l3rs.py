@@ -16,7 +16,20 @@ Design choices, and why:
 * **Each direction is normalized per layer to unit RMS** (``d̂``) at every refresh of the
   controller (below), so the mixing coefficients compare like with like and ``λ_l`` alone sets
   the step's size: at a refresh the RMS of a layer's update is at most ``λ_l``. The mixture is
-  computed as scalar coefficients ``−λ_l μ_{p,l} / rms`` times element-wise directions, which XLA fuses into one kernel per layer (no stacked copy).
+  computed as scalar coefficients ``−λ_l μ_{p,l} / rms`` times element-wise directions, which
+  XLA fuses into one kernel per layer (no stacked copy). With ``normalization="scale_free"``
+  only the directions that carry the gradient's units (``momentum``, ``gradient``) are
+  normalized; ``adam``, ``rmsprop`` and ``sign_momentum`` are already dimensionless and keep
+  their magnitude (Adam's bias-corrected), which shrinks as the gradient's signal-to-noise
+  ratio falls. Unit RMS removes that brake, and small-data fine-tuning needs it
+  (docs/measurements.md).
+* **Optional schedule-free averaging** (``averaging="schedule_free"``): the rule's step moves
+  a fast iterate ``z``, ``x`` is its running average, and gradients are taken at
+  ``y = β_l·x + (1 − β_l)·z`` with β_l a further output of the MLP — schedule-free's
+  interpolation (Defazio et al., 2024), learned per layer. The last step of the planned
+  horizon lands on ``x``; :func:`eval_params` gives ``x`` in between. One more parameter copy.
+* **A step with a non-finite loss or gradient changes nothing** but ``skipped_steps``: the
+  loss enters EMAs that every later step reads, so one NaN would otherwise poison the run.
 * **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
   ``λ_l = base_learning_rate · (T_ref / T)^γ · s(t/T) · exp(o_0)`` and
   ``μ_{·,l} = softmax(o_1..o_P)``, where ``s`` is a fixed schedule prior (``schedule``: cosine
