@@ -23,7 +23,7 @@ import jax
 import optax
 
 from lopt import registry, serialization
-from lopt.l3rs import L3RS, MetaParams
+from lopt.l3rs import L3RS, MetaParams, check_horizon
 from lopt.models import ModelFn, ModelSpec, Params, model_fn, with_fresh_head
 
 OPTIMIZER_PREFIX = "l3rs-"
@@ -94,13 +94,8 @@ def fetch_optimizer(
     raises a ``LayoutMismatchError`` naming the layers when ``params`` belong to another
     architecture. Nothing is unpickled: θ is msgpack, the rest JSON.
     """
-    if num_steps is not None and (
-        isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
-    ):
-        raise ValueError(
-            f"num_steps must be a positive int (the planned number of fine-tuning steps) or "
-            f"None (the meta-training horizon), got {num_steps!r}."
-        )
+    if num_steps is not None:  # checked before anything is downloaded
+        num_steps = check_horizon(num_steps)
     l3rs, theta, header = load_optimizer(uri, tracking_uri)
     return l3rs.opt_fn(theta, int(header["horizon"]) if num_steps is None else num_steps)
 

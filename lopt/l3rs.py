@@ -590,16 +590,7 @@ class L3RS:
         averaging, evaluate at :func:`eval_params` (the last step of the horizon lands the
         parameters on the average, so a run of ``num_steps`` steps ends there by itself).
         """
-        if (
-            isinstance(num_steps, bool)
-            or not isinstance(num_steps, (int, np.integer))
-            or not 1 <= num_steps <= _MAX_STEPS
-        ):
-            raise ValueError(
-                f"num_steps must be a positive int number of steps (at most {_MAX_STEPS}: the step "
-                f"count is an int32), got {num_steps!r}."
-            )
-        num_steps = int(num_steps)
+        num_steps = check_horizon(num_steps)
         c = self.config
         layout = self.layout
         num_decays = len(c.ema_decays)
@@ -758,8 +749,8 @@ class L3RS:
         for i, (step, y, z) in enumerate(
             zip(steps, jax.tree.leaves(params), jax.tree.leaves(state.fast_iterate))
         ):
-            old_beta, beta = state.interpolation[i], interpolation[i]
-            x = (y - (1.0 - old_beta) * z) / old_beta
+            beta = interpolation[i]
+            x = _average(y, z, state.interpolation[i])
             z = z + step.astype(z.dtype)
             x = x + share * (z - x)
             updates.append((beta * x + (1.0 - beta) * z - y).astype(y.dtype))
@@ -830,7 +821,27 @@ def eval_params(state: L3RSState, params: optax.Params) -> optax.Params:
         return params
     leaves, treedef = jax.tree.flatten(params)
     return jax.tree.unflatten(treedef, [
-        ((y - (1.0 - beta) * z) / beta).astype(y.dtype)
+        _average(y, z, beta).astype(y.dtype)
         for y, z, beta in zip(leaves, jax.tree.leaves(state.fast_iterate), state.interpolation)
     ])
+
+
+def _average(y: jax.Array, z: jax.Array, beta: jax.Array) -> jax.Array:
+    """The average x that ``y = β·x + (1 − β)·z`` interpolates from, given y and z."""
+    return (y - (1.0 - beta) * z) / beta
+
+
+def check_horizon(num_steps: Any) -> int:
+    """``num_steps`` as an int, or a ``ValueError`` unless it is a positive int that the int32
+    step count can reach (floats, bools and strings are refused, not rounded)."""
+    if (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, (int, np.integer))
+        or not 1 <= num_steps <= _MAX_STEPS
+    ):
+        raise ValueError(
+            f"num_steps must be a positive int number of steps (at most {_MAX_STEPS}: the step "
+            f"count is an int32), got {num_steps!r}."
+        )
+    return int(num_steps)
 
