@@ -27,7 +27,15 @@ for every optimizer); the fitting itself draws heads and minibatches from other 
     .venv/bin/python benchmarks/ceiling.py --optimizer .lopt/pipeline_runs/.../optimizer
     .venv/bin/python benchmarks/ceiling.py --multiples 1 4 --seconds 300   # per task and horizon
 
-Prints a table; writes ``benchmarks/results/ceiling.json``.
+Prints a table; writes ``benchmarks/results/ceiling.json`` (after every cell, so a run cut
+short keeps what it measured).
+
+On an accelerator machine, which has JAX, optax and flax but neither MLflow nor TFDS, the
+inputs travel as arrays: ``--export DIR`` writes the pretrained base model, each task's
+train/val/test splits and the optimizer under test, and ``--inputs DIR`` reads them there::
+
+    .venv/bin/python benchmarks/ceiling.py --export .device/ceiling --optimizer DIR --tasks ...
+    python3 benchmarks/ceiling.py --inputs .device/ceiling --multiples 4 --output $OUT/ceiling.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,8 +71,9 @@ from lopt.config import get_config  # noqa: E402
 from lopt.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
 from lopt.models import ModelSpec, Params, with_fresh_head  # noqa: E402
-from lopt.serialization import load_optimizer  # noqa: E402
+from lopt.serialization import load_model, load_optimizer, save_model  # noqa: E402
 from lopt.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402
+from lopt.training import Split  # noqa: E402
 from lopt.meta_training import FinalValidationLoss  # noqa: E402
 from lopt.truncated_backprop import TruncatedBackprop  # noqa: E402
 
@@ -147,15 +157,74 @@ def compare(result: RunResult, best: RunResult, horizon: int) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def parse_task(text: str) -> TaskSpec:
+    name, _, classes = text.partition(":")
+    return TaskSpec(name, tuple(int(c) for c in classes.split(",")) if classes else None)
+
+
+def pretrained_base(config: Any, data_dir: str | None) -> Params:
+    print("pretraining the base model (the pipeline's config and seed) ...", flush=True)
+    spec = config.pretrain.model
+    p = config.pretrain
+    pretrain_task = load_task(p.task, spec.input_shape, data_dir)
+    pretrained, metrics = pretrain(spec, pretrain_task, p.steps, p.learning_rate, p.batch_size, p.seed)
+    print(f"  base model: test loss {metrics['test_loss']:.4f}, accuracy {metrics['test_accuracy']:.3f}")
+    return pretrained
+
+
+def export(args: argparse.Namespace) -> None:
+    """Writes what ``run`` reads through TFDS and the filesystem as arrays under ``args.export``:
+    ``model/`` (the pretrained base model), ``tasks.json`` + ``task-<i>.npz`` (each task's
+    splits) and ``optimizer/`` (a copy of ``--optimizer``)."""
     config = get_config(args.budget)
     spec = config.pretrain.model
     data_dir = args.data_dir or None
-    print("pretraining the base model (the pipeline's config and seed) ...", flush=True)
-    pretrain_task = load_task(config.pretrain.task, spec.input_shape, data_dir)
-    p = config.pretrain
-    pretrained, metrics = pretrain(spec, pretrain_task, p.steps, p.learning_rate, p.batch_size, p.seed)
-    print(f"  base model: test loss {metrics['test_loss']:.4f}, accuracy {metrics['test_accuracy']:.3f}")
+    out = Path(args.export)
+    save_model(out / "model", spec, pretrained_base(config, data_dir), {"budget": args.budget})
+    tasks = []
+    for i, text in enumerate(args.tasks):
+        task = load_task(parse_task(text), spec.input_shape, data_dir)
+        np.savez_compressed(out / f"task-{i}.npz", **{
+            f"{split}_{field}": np.asarray(getattr(getattr(task, split), field))
+            for split in ("train", "val", "test") for field in ("images", "labels")
+        })
+        tasks.append({"text": text, "spec": task.spec.to_json(), "num_classes": task.num_classes,
+                      "content_hash": task.content_hash, "version": task.version})
+    (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
+    if args.optimizer:
+        shutil.copytree(args.optimizer, out / "optimizer", dirs_exist_ok=True)
+    print(f"wrote {out}: base model, {len(tasks)} tasks" + (", optimizer" if args.optimizer else ""))
+
+
+def imported_tasks(inputs: Path, wanted: Sequence[str]) -> dict[str, Task]:
+    """The exported tasks named in ``wanted`` (all of them when it is the default list)."""
+    tasks = {}
+    for i, meta in enumerate(json.loads((inputs / "tasks.json").read_text())):
+        arrays = np.load(inputs / f"task-{i}.npz")
+        split = lambda name: Split(jnp.asarray(arrays[f"{name}_images"]), jnp.asarray(arrays[f"{name}_labels"]))
+        spec = TaskSpec.from_json(meta["spec"])
+        tasks[meta["text"]] = Task(spec, meta["num_classes"], split("train"), split("val"), split("test"),
+                                   meta["content_hash"], meta["version"])
+    missing = [t for t in wanted if t not in tasks]
+    if missing:
+        raise SystemExit(f"{inputs} has no exported task {missing}; it has {sorted(tasks)}")
+    return {t: tasks[t] for t in wanted}
+
+
+def run(args: argparse.Namespace, write: Any = lambda report: None) -> dict[str, Any]:
+    config = get_config(args.budget)
+    spec = config.pretrain.model
+    data_dir = args.data_dir or None
+    inputs = Path(args.inputs) if args.inputs else None
+    if inputs:
+        spec, pretrained, _ = load_model(inputs / "model")
+        pretrained = jax.tree.map(jnp.asarray, pretrained)
+        tasks = imported_tasks(inputs, args.tasks)
+        if not args.optimizer and (inputs / "optimizer").is_dir():
+            args.optimizer = str(inputs / "optimizer")
+    else:
+        pretrained = pretrained_base(config, data_dir)
+        tasks = {t: load_task(parse_task(t), spec.input_shape, data_dir) for t in args.tasks}
 
     layout_params = with_fresh_head(spec, pretrained, 2, jax.random.key(0))
     start_l3rs = L3RS(config.meta_train.l3rs, LayerLayout.from_params(layout_params))
@@ -165,12 +234,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         l3rs, theta, header = load_optimizer(Path(args.optimizer))
         learned = (l3rs, jax.tree.map(jnp.asarray, theta), int(header["horizon"]))
     meta_horizon = learned[2] if learned else config.meta_train.horizon
-
-    cells = []
-    for text in args.tasks:
-        name, _, classes = text.partition(":")
-        task_spec = TaskSpec(name, tuple(int(c) for c in classes.split(",")) if classes else None)
-        task = load_task(task_spec, spec.input_shape, data_dir)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "devices": [str(d) for d in jax.devices()],
+        "versions": {"jax": jax.__version__, "optax": optax.__version__},
+        "meta_horizon": meta_horizon,
+        "l3rs_config": start_l3rs.config.to_json(),
+        "cells": [],
+    }
+    cells = report["cells"]
+    for task in tasks.values():
         for multiple in args.multiples:
             horizon = multiple * meta_horizon
             cell: dict[str, Any] = {"task": task.name, "horizon": horizon, "baselines": {}}
@@ -222,14 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             print(table([cell]), flush=True)
             cells.append(cell)
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "meta_horizon": meta_horizon,
-        "l3rs_config": start_l3rs.config.to_json(),
-        "cells": cells,
-    }
+            write(report)
+    return report
 
 
 def _speed(value: float | None) -> str:
@@ -278,16 +347,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--selection-draws", type=int, default=6, help="validation draws per candidate")
     p.add_argument("--data-dir", default="")
     p.add_argument("--output", type=Path, default=RESULTS / "ceiling.json")
+    p.add_argument("--export", type=Path, help="write the base model, tasks and optimizer as arrays "
+                   "to this directory and stop (for a machine without MLflow and TFDS)")
+    p.add_argument("--inputs", type=Path, help="read the base model, tasks and optimizer from an "
+                   "--export directory instead of pretraining and TFDS")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    report = run(args)
+    if args.export:
+        export(args)
+        return {}
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: CPU's numerics
+
+    def write(report: dict[str, Any]) -> None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=1, default=float))
+
+    report = run(args, write)
     print()
     print(table(report["cells"]))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1, default=float))
+    write(report)
     print(f"wrote {args.output}")
     return report
 
