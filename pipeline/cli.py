@@ -5,9 +5,11 @@ cluster, check staleness, fetch the optimizer and fine-tune with it.
 against the embedded MLflow store under ``$LOPT_HOME`` (or ``$MLFLOW_TRACKING_URI``): the
 same components a cluster runs, in subprocesses of this interpreter, offline.
 
-Exit codes: 0 success; 2 bad input (the message says what to do); 3 the Kubeflow Pipelines
-API was unreachable or refused (submit, schedule); ``retrain-check`` exits 1 when retraining
-is due, for cron and CI.
+Exit codes (:data:`EXIT_CODES`): 0 success; 1 "no": ``retrain-check`` found retraining due,
+or a step of ``lopt run`` failed (its MLflow run is marked FAILED with the error); 2 bad input
+(the message says what to do); 3 the Kubeflow Pipelines API was unreachable or refused (submit,
+schedule); 4 an unexpected error (the traceback is printed). A crash is never 1, so
+``lopt retrain-check; [ $? -eq 1 ] && lopt run`` retrains only when retraining is due.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+EXIT_OK, EXIT_NO, EXIT_BAD_INPUT, EXIT_CLUSTER, EXIT_UNEXPECTED = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    EXIT_OK: "success (retrain-check: the champion optimizer is up to date)",
+    EXIT_NO: "retrain-check: retraining is due; run: a pipeline step failed (its MLflow run is FAILED)",
+    EXIT_BAD_INPUT: "bad input: the message says what was wrong and what to do",
+    EXIT_CLUSTER: "the Kubeflow Pipelines API was unreachable or refused the request",
+    EXIT_UNEXPECTED: "an unexpected error (a bug or the environment): the traceback is printed",
+}
 
 
 def _home(path: str | None) -> Path:
@@ -151,7 +163,8 @@ def cmd_retrain_check(args: argparse.Namespace) -> int:
     print(("retrain: " if decision["retrain"] else "up to date: ") + decision["reason"])
     if args.json:
         print(json.dumps(decision, indent=1))
-    return 1 if decision["retrain"] else 0
+    # Any error raised above exits 2 or more (main): never 1, which cron lines read as "due".
+    return EXIT_NO if decision["retrain"] else EXIT_OK
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -267,12 +280,48 @@ def _base_model_of(optimizer_version) -> str:
     return f"models:/{tags['base_model']}/{tags['base_model_version']}"
 
 
+# JAX's int32: larger step counts and seeds overflow. (Not imported from lopt.schema: building
+# the parser must not import lopt, hence JAX.)
+INT32_MAX = 2**31 - 1
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, INT32_MAX]``, else argparse's usage error
+    (exit 2) saying what the option accepts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if value > INT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {INT32_MAX}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+POSITIVE_INT = _int_at_least(1)
+NON_NEGATIVE_INT = _int_at_least(0)
+
+
+def _class_list(text: str) -> str:
+    """``--classes``: comma-separated distinct labels >= 0 (kept as text; parsed where used)."""
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if not all(p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected distinct labels >= 0 separated by commas, e.g. 5,6,7; got {text!r}")
+    return text
+
+
 HOME_HELP = "LOPT_HOME: where the store, data and outputs go (default: $LOPT_HOME or .lopt)"
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded SQLite store)"
 
 
 def _fan_out_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fan-out", type=int, default=1, metavar="K", help="meta-train K seeds in parallel (dsl.ParallelFor); the best on meta-validation goes on")
+    parser.add_argument("--fan-out", type=POSITIVE_INT, default=1, metavar="K", help="meta-train K seeds in parallel (dsl.ParallelFor); the best on meta-validation goes on")
     parser.add_argument("--variant", action="append", default=[], metavar="JSON", help='one meta-training variant, e.g. \'{"meta_train": {"sigma": 0.1}}\'; repeat to fan out over several')
 
 
@@ -305,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fan_out_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("retrain-check", help="say whether the champion optimizer is stale; exit 1 when retraining is due")
+    check = sub.add_parser("retrain-check", help="say whether the champion optimizer is stale; exit 0 up to date, 1 retraining due, 2 or more an error")
     check.add_argument("--base-model", default="cnn-mnist", help="registered base model name (default: %(default)s)")
     check.add_argument("--budget", default="default", help="the config the next run would use (default: %(default)s)")
     check.add_argument("--overrides", default="", help="JSON config overrides the next run would use")
@@ -324,14 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("finetune", help="fine-tune the registered base model with a registered optimizer")
     tune.add_argument("--dataset", required=True, help="TFDS dataset name, e.g. sklearn_digits")
-    tune.add_argument("--classes", default="", help="comma-separated class subset, e.g. 5,6,7,8,9")
+    tune.add_argument("--classes", type=_class_list, default="", help="comma-separated class subset, e.g. 5,6,7,8,9")
     tune.add_argument("--optimizer", required=True, help="e.g. models:/l3rs-cnn-mnist@champion")
-    tune.add_argument("--steps", type=int, required=True, help="fine-tuning steps (the horizon T)")
+    tune.add_argument("--steps", type=POSITIVE_INT, required=True, help="fine-tuning steps (the horizon T)")
     tune.add_argument("--base-model", default=None, help="base model URI (default: the one the optimizer was meta-trained for)")
     tune.add_argument("--compare", choices=["adam"], default=None, help="also run Adam, its learning rate tuned on the validation split")
-    tune.add_argument("--grid-size", type=int, default=6, help="Adam learning-rate grid points for --compare (default: %(default)s)")
-    tune.add_argument("--batch-size", type=int, default=64)
-    tune.add_argument("--seed", type=int, default=0, help="draws the fresh head and the minibatch order")
+    tune.add_argument("--grid-size", type=POSITIVE_INT, default=6, help="Adam learning-rate grid points for --compare (default: %(default)s)")
+    tune.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="minibatch size (default: %(default)s)")
+    tune.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="draws the fresh head and the minibatch order")
     tune.add_argument("--home", default=None, help=HOME_HELP)
     tune.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     tune.set_defaults(func=cmd_finetune)
@@ -357,17 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's message, exit 2
     try:
         return args.func(args)
     except (ValueError, LookupError) as err:
         # Bad input (unknown dataset, budget, model URI...): the message says what to do.
         print(f"lopt: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except ConnectionError as err:
         # The KFP API (pipeline.cluster.ClusterError): unreachable, or it refused the request.
         print(f"lopt: error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_CLUSTER
+    except Exception as err:  # noqa: BLE001 - a crash must not exit 1 (retrain-check's "due")
+        traceback.print_exc()
+        print(f"lopt: error: unexpected {type(err).__name__} (traceback above): {err}", file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":
