@@ -61,6 +61,7 @@ __all__ = [
     "ModelVersionInfo",
     "RegistrationError",
     "RegistryError",
+    "RunInfo",
     "RunLogger",
     "alias_exists",
     "default_artifact_root",
@@ -68,13 +69,16 @@ __all__ = [
     "download",
     "end_run",
     "ensure_experiment",
+    "find_runs",
     "get_version",
     "lopt_home",
     "log_artifacts",
     "log_metrics",
     "log_params",
+    "log_text",
     "model_exists",
     "parse_model_uri",
+    "read_text",
     "register_directory",
     "resolve",
     "resolve_tracking_uri",
@@ -306,6 +310,63 @@ def end_run(run_id: str, status: RunStatus = "FINISHED", tracking_uri: str | Non
     """Mark the run terminated with ``status``."""
     client, _ = _client(tracking_uri)
     client.set_terminated(run_id, status=status)
+
+
+def log_text(run_id: str, text: str, artifact_file: str, tracking_uri: str | None = None) -> None:
+    """Write ``text`` as the run's artifact ``artifact_file`` (e.g. ``summary.json``)."""
+    client, _ = _client(tracking_uri)
+    client.log_text(run_id, text, _checked_artifact_path(artifact_file))
+
+
+def read_text(run_id: str, artifact_file: str, tracking_uri: str | None = None) -> str | None:
+    """The run's artifact ``artifact_file`` as text; None when the run has no such file."""
+    client, _ = _client(tracking_uri)
+    path = _checked_artifact_path(artifact_file)
+    parent = path.rpartition("/")[0] or None
+    if not any(f.path == path for f in client.list_artifacts(run_id, parent)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="lopt-run-") as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_text()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """A run as :func:`find_runs` returns it."""
+
+    run_id: str
+    status: str  # RUNNING, SCHEDULED, FINISHED, FAILED or KILLED
+    tags: Mapping[str, str]
+    start_time_ms: int
+
+
+def find_runs(
+    experiment: str,
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+    started_after_ms: int | None = None,
+) -> list[RunInfo]:
+    """The runs of ``experiment`` whose tags have exactly the values in ``tags`` (and that
+    started at or after ``started_after_ms``), newest first; none when there is no such
+    experiment. Tag values may not contain quotes (MLflow's filter syntax)."""
+    client, _ = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clauses = []
+    for key, value in (tags or {}).items():
+        if not re.fullmatch(r"[\w.\-]+", key) or "'" in value or "\\" in value:
+            raise ValueError(f"Cannot search runs by tag {key!r}={value!r}: no quotes or backslashes.")
+        clauses.append(f"tags.`{key}` = '{value}'")
+    if started_after_ms is not None:
+        clauses.append(f"attributes.start_time >= {int(started_after_ms)}")
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+    )
+    return [
+        RunInfo(r.info.run_id, r.info.status, dict(r.data.tags), int(r.info.start_time or 0))
+        for r in runs
+    ]
 
 
 class RunLogger:

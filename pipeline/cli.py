@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -95,18 +96,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline_root=str(home / "pipeline_runs"),
     )
     start = time.perf_counter()
-    task = l3rs_pipeline(
-        base_model=args.base_model,
-        budget=args.budget,
-        overrides=overrides,
-        tracking_uri=tracking_uri,
-        data_dir=str(default_data_dir()),
-        if_stale=args.if_stale,
-        variants=variants,
-    )
+    started_ms = int(time.time() * 1000)
+    try:
+        task = l3rs_pipeline(
+            base_model=args.base_model,
+            budget=args.budget,
+            overrides=overrides,
+            tracking_uri=tracking_uri,
+            data_dir=str(default_data_dir()),
+            if_stale=args.if_stale,
+            variants=variants,
+        )
+    except RuntimeError as err:
+        # kfp.local: "Pipeline 'lopt-l3rs' finished with status FAILURE. Inner task failed: …",
+        # after the exit task closed the MLflow run; the step's traceback is in its log above.
+        if "finished with status FAILURE" not in re.sub(r"\x1b\[[0-9;]*m", "", str(err)):  # colours off
+            raise
+        print(_failure(tracking_uri, started_ms), file=sys.stderr)
+        return EXIT_NO
     summary = json.loads(task.output)
     print(_summary(summary, time.perf_counter() - start, home))
     return 0
+
+
+def _failure(tracking_uri: str, started_ms: int) -> str:
+    """What ``lopt run`` says when a step failed: the step and its error, from the MLflow run
+    this run opened (its tags), and what to do."""
+    from lopt import registry
+    from lopt.steps import ERROR_TAG, EXPERIMENT, FAILED_STEP_TAG
+
+    # Oldest first: this command's run started before any that began while it ran.
+    runs = registry.find_runs(EXPERIMENT, None, tracking_uri, started_after_ms=started_ms)[::-1]
+    failed = [r for r in runs if r.status in ("FAILED", "KILLED")]
+    if runs and not failed:
+        return (
+            f"lopt: error: the pipeline's last task (finish-run) failed after MLflow run "
+            f"{runs[0].run_id} ended {runs[0].status}; its error is in its log above."
+        )
+    if not runs:
+        return (
+            "lopt: error: the pipeline failed before it opened its MLflow run; the first step's "
+            "error is in its log above. Nothing was registered."
+        )
+    run = failed[0]
+    return "\n".join([
+        f"lopt: error: the pipeline failed in step {run.tags.get(FAILED_STEP_TAG, 'unknown')}: "
+        f"{run.tags.get(ERROR_TAG, 'no error recorded')}",
+        f"  MLflow run {run.run_id} is marked {run.status} (tags {FAILED_STEP_TAG}, {ERROR_TAG}); "
+        "the step's log is above. Nothing was registered.",
+        "  Fix the cause and run again: with the same config, meta-training resumes from its last checkpoint.",
+    ])
 
 
 def _summary(summary: dict, seconds: float, home: Path) -> str:

@@ -7,6 +7,13 @@ every step runs in the project's image, gets the MLflow credentials from a Kuber
 (never from the pipeline spec) and the tracking URI from a ConfigMap, and asks for the CPU and
 memory it needs.
 
+The whole graph sits in a ``dsl.ExitHandler`` whose exit task, ``finish-run``, runs last
+whatever happened: the register step closes the pipeline's MLflow run FINISHED and a failing
+step closes it FAILED with its error (:func:`lopt.steps.record_failure`); the exit task ends
+a run still RUNNING (a step killed without a word) FAILED, fails itself for a failed run, and
+is the pipeline's output (a pipeline output cannot come from inside the handler): the
+register step's summary, read back from the MLflow run.
+
 Every step reads or writes registry state (the base model may be pretrained and registered by
 the first step, aliases move in the last), so KFP caching is off for all of them: a cached
 step would replay a stale registry decision.
@@ -17,7 +24,7 @@ from typing import Callable, Optional
 
 from kfp import dsl, kubernetes
 
-from components import meta_train, prepare_base_model, register, select_best, validate
+from components import finish_run, meta_train, prepare_base_model, register, select_best, validate
 
 PIPELINE_NAME = "lopt-l3rs"
 # Names the manifests create (manifests/README.md): the Secret with the MLflow credentials
@@ -43,6 +50,7 @@ STEP_RESOURCES = {
     "select-best": Resources("1", "2", "2Gi", "4Gi"),
     "validate": Resources("2", "4", "4Gi", "8Gi"),
     "register": Resources("500m", "1", "1Gi", "2Gi"),
+    "finish-run": Resources("250m", "1", "512Mi", "1Gi"),
 }
 
 
@@ -106,35 +114,41 @@ def build_pipeline(cluster: Optional["ClusterTarget"] = None) -> Callable:
         """``variants``: meta_train overrides (JSON strings), one meta-training run each; the
         best on meta-validation goes on ("{}" alone: one run with the config as given)."""
         common = dict(budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir)
-        base = configure(prepare_base_model(
-            base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            if_stale=if_stale, **common,
-        ), "prepare-base-model")
-        ids = dict(base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"])
-        # Skipping is data flow, not dsl.If: the later steps see a "skipped" optimizer and pass
-        # the champion through, which runs the same on kfp.local and on a cluster.
-        # Inside the loop the first step's results arrive as one artifact, not as parameters:
-        # kfp.local 2.17 replaces every task-output *parameter* of a loop iteration with the
-        # loop item (kfp/local/orchestrator/task_spec_utils.py), artifacts pass intact.
-        # Locally the variants take turns: each already spreads its ES pairs over every core.
-        parallelism = None if cluster is not None else 1
-        with dsl.ParallelFor(items=variants, name="meta-train-variants", parallelism=parallelism) as variant:
-            trained = configure(meta_train(
-                context=base.outputs["context"], variant=variant, **common,
-            ), "meta-train")
-        selected = configure(select_best(
-            candidates=dsl.Collected(trained.outputs["optimizer"]), **ids, **common,
-        ), "select-best")
-        validated = configure(validate(
-            optimizer=selected.outputs["optimizer"], **ids, **common,
-        ), "validate")
-        registered = configure(register(
-            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            optimizer=selected.outputs["optimizer"],
-            report=validated.outputs["report"],
-            **ids, **common,
-        ), "register")
-        return registered.output
+        # Runs after everything else, on success or failure; its output is the pipeline's.
+        finish = configure(finish_run(
+            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, tracking_uri=tracking_uri,
+        ), "finish-run")
+        with dsl.ExitHandler(finish, name="l3rs-steps"):
+            base = configure(prepare_base_model(
+                base_model=base_model, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                if_stale=if_stale, **common,
+            ), "prepare-base-model")
+            ids = dict(base_model_uri=base.outputs["base_model_uri"], run_id=base.outputs["run_id"])
+            # Skipping is data flow, not dsl.If: the later steps see a "skipped" optimizer and
+            # pass the champion through, which runs the same on kfp.local and on a cluster.
+            # Inside the loop the first step's results arrive as one artifact, not as
+            # parameters: kfp.local 2.17 replaces every task-output *parameter* of a loop
+            # iteration with the loop item (kfp/local/orchestrator/task_spec_utils.py),
+            # artifacts pass intact. Locally the variants take turns: each already spreads its
+            # ES pairs over every core.
+            parallelism = None if cluster is not None else 1
+            with dsl.ParallelFor(items=variants, name="meta-train-variants", parallelism=parallelism) as variant:
+                trained = configure(meta_train(
+                    context=base.outputs["context"], variant=variant, **common,
+                ), "meta-train")
+            selected = configure(select_best(
+                candidates=dsl.Collected(trained.outputs["optimizer"]), **ids, **common,
+            ), "select-best")
+            validated = configure(validate(
+                optimizer=selected.outputs["optimizer"], **ids, **common,
+            ), "validate")
+            configure(register(
+                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                optimizer=selected.outputs["optimizer"],
+                report=validated.outputs["report"],
+                **ids, **common,
+            ), "register")
+        return finish.output
 
     return l3rs_pipeline
 

@@ -96,6 +96,15 @@ def _executors(spec: dict) -> dict:
     return spec["deploymentSpec"]["executors"]
 
 
+def _steps(spec: dict) -> dict:
+    """The steps inside the pipeline's dsl.ExitHandler (its exit task, finish-run, is beside)."""
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "finish-run"}
+    assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finish-run"]["dependentTasks"] == ["exit-handler-1"]
+    return spec["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def test_cluster_package_runs_every_step_in_the_image_with_secrets_and_resources(tmp_path):
     out = tmp_path / "cluster.yaml"
     assert cli.main(["compile", "--image", IMAGE, "-o", str(out)]) == 0
@@ -107,7 +116,7 @@ def test_cluster_package_runs_every_step_in_the_image_with_secrets_and_resources
         container = executor["container"]
         assert container["image"] == IMAGE
         assert float(container["resources"]["cpuLimit"]) >= float(container["resources"]["cpuRequest"])
-    (loop,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    (loop,) = [t for t in _steps(spec).values() if "parameterIterator" in t]
     assert "iteratorPolicy" not in loop
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(k8s) == set(executors)
@@ -125,7 +134,7 @@ def test_local_package_stays_lightweight_with_a_fan_out_and_select_step(tmp_path
     assert cli.main(["compile", "-o", str(out)]) == 0
     spec = yaml.safe_load(out.read_text())
     assert all(e["container"]["image"] == "python:3.11-slim" for e in _executors(spec).values())
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _steps(spec)
     (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
     assert set(tasks) == {"prepare-base-model", loop_name, "select-best", "validate", "register"}
     loop = tasks[loop_name]
@@ -136,7 +145,7 @@ def test_local_package_stays_lightweight_with_a_fan_out_and_select_step(tmp_path
     assert spec["root"]["inputDefinitions"]["parameters"]["variants"]["defaultValue"] == ["{}"]
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"meta-train"}
-    for task in [*tasks.values(), *inner.values()]:
+    for task in [*tasks.values(), *inner.values(), spec["root"]["dag"]["tasks"]["finish-run"]]:
         if "componentRef" in task and not task["componentRef"]["name"].startswith("comp-for-loop"):
             assert task["cachingOptions"].get("enableCache", False) is False
     assert sorted(tasks["select-best"]["dependentTasks"]) == sorted([loop_name, "prepare-base-model"])
