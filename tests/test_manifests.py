@@ -9,8 +9,12 @@ What a cluster would refuse or silently get wrong, checked here instead:
   ships a Secret, and, where kubectl is installed, `kubectl kustomize` renders each one to
   exactly the objects resolved here, all valid;
 - the workloads: resources, probes, the "restricted" pod security settings, pinned images, and
-  references that must match (Secrets and their keys, ServiceAccounts, claims, Service and
-  NetworkPolicy selectors, named ports);
+  references that must match (Secrets and their keys, ServiceAccounts, claims, ConfigMaps,
+  volumes, Service selectors, named ports);
+- the NetworkPolicies, evaluated connection by connection on the manifests' pods and the
+  compiled pipeline's step labels: what lopt needs is allowed, nothing else;
+- authentication: the MLflow server's basic-auth wiring, the init container's script and its
+  refusals, and (slow) both run as the Deployment specifies against PostgreSQL;
 - the contract with pipeline/pipeline.py: Secret, ConfigMap and key names, and a tracking URI
   that names the MLflow Service and passes the server's Host-header check;
 - the Secrets hold placeholders only; the schedule's cron has six fields;
