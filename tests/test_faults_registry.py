@@ -251,9 +251,9 @@ def versions_of_run(store, run_id: str) -> list[str]:
     return [f"{v.name}/{v.version}" for v in client.search_model_versions(f"run_id='{run_id}'")]
 
 
-def test_a_registration_that_fails_before_the_version_exists_can_be_retried(store, monkeypatch):
-    run_id = registry.start_run("faults", tracking_uri=store["uri"])
-    real = MlflowClient.create_model_version
+def fail_once(monkeypatch, method: str) -> None:
+    """``MlflowClient.<method>`` raises ConnectionError on its first call, then works."""
+    real = getattr(MlflowClient, method)
     calls = []
 
     def fails_once(self, *args, **kwargs):
@@ -262,7 +262,12 @@ def test_a_registration_that_fails_before_the_version_exists_can_be_retried(stor
             raise ConnectionError("registry went away")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(MlflowClient, "create_model_version", fails_once)
+    monkeypatch.setattr(MlflowClient, method, fails_once)
+
+
+def test_a_registration_that_fails_before_the_version_exists_can_be_retried(store, monkeypatch):
+    run_id = registry.start_run("faults", tracking_uri=store["uri"])
+    fail_once(monkeypatch, "create_model_version")
     with pytest.raises(ConnectionError, match="registry went away"):
         register_version(store, run_id)
     client = MlflowClient(store["uri"], store["uri"])
@@ -275,16 +280,7 @@ def test_a_registration_that_fails_before_the_version_exists_can_be_retried(stor
 
 def test_a_registration_rolled_back_after_the_version_existed_can_be_retried(store, monkeypatch):
     run_id = registry.start_run("faults", tracking_uri=store["uri"])
-    real = MlflowClient.set_registered_model_alias
-    calls = []
-
-    def fails_once(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise ConnectionError("registry went away")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_once)
+    fail_once(monkeypatch, "set_registered_model_alias")
     with pytest.raises(registry.RegistrationError, match="and its files were deleted again"):
         register_version(store, run_id)
     assert MlflowClient(store["uri"], store["uri"]).list_artifacts(run_id, "optimizer") == []
@@ -381,18 +377,9 @@ def test_registration_retry_and_file_checks_against_an_mlflow_server(store, mlfl
     register_base_model("tiny", SPEC, params, run_id=run_id, metrics={}, description="", tracking_uri=url)
     server_store["base"] = registry.resolve("models:/tiny/1", url)
 
-    real = MlflowClient.create_model_version
-    calls = []
-
-    def fails_once(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise ConnectionError("registry went away")
-        return real(self, *args, **kwargs)
-
     run_id = registry.start_run("faults", tracking_uri=url)
     with monkeypatch.context() as mp:
-        mp.setattr(MlflowClient, "create_model_version", fails_once)
+        fail_once(mp, "create_model_version")
         with pytest.raises(ConnectionError):
             register_version(server_store, run_id)
     client = MlflowClient(url, url)
