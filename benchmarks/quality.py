@@ -97,6 +97,7 @@ from lopt.evaluation import (  # noqa: E402
 from lopt.hub import load_optimizer as load_registered_optimizer  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
 from lopt.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.lineage import source_hash  # noqa: E402
 from lopt.models import ModelSpec, Params  # noqa: E402
 from lopt.serialization import load_optimizer  # noqa: E402
 from lopt.tasks import Task, TaskSpec, load_task  # noqa: E402
@@ -219,16 +220,6 @@ def ablation_variants(budget: str) -> dict[str, dict[str, Any]]:
     return variants
 
 
-def _source_hash() -> str:
-    """A hash of the lopt sources: a cached optimizer is reused only with the same code."""
-    package = ROOT / "lopt"
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 class Context:
     """What every step of the benchmark shares: arguments, timings, L3RS architectures."""
 
@@ -268,7 +259,7 @@ def meta_trained(
     """Meta-trains (or reuses a cached) optimizer with ``lopt.steps.meta_train_optimizer``."""
     config = get_config(budget, overrides)
     key = hashlib.sha256(
-        json.dumps([config.hash(), base_uri, _source_hash()]).encode()
+        json.dumps([config.hash(), base_uri, source_hash()]).encode()
     ).hexdigest()[:12]
     directory = ctx.args.results / "optimizers" / f"{name}-{budget}-{key}"
     reused = (directory / "optimizer.json").is_file() and not ctx.args.retrain
@@ -729,7 +720,7 @@ def versions() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "lopt_source_hash": _source_hash(),
+        "lopt_source_hash": source_hash(),
     }
 
 

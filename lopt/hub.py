@@ -9,15 +9,27 @@
 
 This module also registers what the pipeline produces. All MLflow access goes through
 :mod:`lopt.registry`; here only files are read and written (see :mod:`lopt.serialization`).
+
+Every read checks what it reads, in two layers, and names the version and the file when a
+check fails, with what to do:
+
+* :func:`lopt.registry.download` compares each file with the size and sha256 recorded on the
+  version when it was registered (:class:`lopt.registry.IntegrityError`);
+* the reader checks the format: headers and their fields, msgpack that parses, arrays of the
+  right names, shapes, dtype (float32) and finite values (:class:`FormatError`).
+
+Versions registered before lopt recorded the hashes are read with the second layer only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
 import optax
@@ -25,6 +37,9 @@ import optax
 from lopt import registry, serialization
 from lopt.l3rs import L3RS, MetaParams, check_horizon
 from lopt.models import ModelFn, ModelSpec, Params, model_fn, with_fresh_head
+from lopt.serialization import FormatError
+
+T = TypeVar("T")
 
 OPTIMIZER_PREFIX = "l3rs-"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -46,12 +61,10 @@ def load_pretrained(
     Returns ``(model_fn, params, info)`` where ``model_fn(params, images) -> logits`` takes
     float32 images ``[N, H, W, C]`` in [0, 1] and ``info["input_shape"] == (H, W, C)``. When
     ``num_classes`` differs from the registered head, the head is replaced by a fresh one drawn
-    from ``rng``; the rest of the network keeps its pretrained weights.
+    from ``rng``; the rest of the network keeps its pretrained weights. The files are checked
+    as :func:`load_optimizer` checks an optimizer's (params: float32, finite, the spec's shapes).
     """
-    version = registry.resolve(uri, tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        # The pinned URI: an alias moving meanwhile cannot mix two versions.
-        spec, params, _ = serialization.load_model(registry.download(version.uri, tracking_uri, Path(tmp)))
+    version, (spec, params, _) = _read_version(uri, tracking_uri, serialization.load_model)
     pretrained_classes = spec.num_classes
     if num_classes is not None and num_classes != spec.num_classes:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
@@ -70,18 +83,83 @@ def load_pretrained(
 
 
 def load_optimizer(uri: str, tracking_uri: str | None = None) -> tuple[L3RS, MetaParams, dict[str, Any]]:
-    """The registered L3RS optimizer's architecture, θ and header (horizon, lineage)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return serialization.load_optimizer(registry.download(uri, tracking_uri, Path(tmp)))
+    """The registered L3RS optimizer's architecture, θ and header (horizon, lineage).
+
+    Raises :class:`lopt.registry.IntegrityError` or :class:`FormatError` (both ``ValueError``)
+    naming the version and the file when the version's files are not the registered ones or
+    not a readable optimizer (see the module docstring).
+    """
+    return _read_version(uri, tracking_uri, serialization.load_optimizer)[1]
 
 
-def fetch_files(uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+def fetch_files(
+    uri: str, out_dir: str | Path, tracking_uri: str | None = None, *, overwrite: bool = False
+) -> Path:
     """Copies the registered version's files (e.g. ``optimizer.json``, ``meta_params.msgpack``:
-    JSON and msgpack, for consumers outside Python) into ``out_dir``; returns it."""
+    JSON and msgpack, for consumers outside Python) into ``out_dir``; returns it.
+
+    The files are checked as :func:`load_optimizer` checks them (a base model's as
+    :func:`load_pretrained` does) before anything is written. ``out_dir`` must be absent or
+    empty, else ``FileExistsError``: files already there would stay and look like part of the
+    version. ``overwrite=True`` replaces its content instead (only once the download passed).
+    """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; give a directory to fetch into.")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty: the files already there would stay next to the version's and look "
+            f"like part of it. Give an empty or new directory, or replace its content "
+            f"(overwrite=True; lopt fetch --force)."
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(registry.download(uri, tracking_uri, Path(tmp)), out, dirs_exist_ok=True)
+        _, downloaded = _read_version(uri, tracking_uri, _check_readable, Path(tmp))
+        if out.is_dir():
+            for entry in out.iterdir():  # none unless overwrite=True
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        shutil.copytree(downloaded, out, dirs_exist_ok=True)
     return out
+
+
+def _check_readable(directory: Path) -> Path:
+    """``directory`` once it reads as an optimizer or a base model (:class:`FormatError` if not)."""
+    if (directory / "optimizer.json").is_file():
+        serialization.load_optimizer(directory)
+    elif (directory / "model.json").is_file():
+        serialization.load_model(directory)
+    else:
+        raise FormatError(directory / "optimizer.json", "is missing: not a lopt optimizer or model.")
+    return directory
+
+
+def _read_version(
+    uri: str, tracking_uri: str | None, read: Callable[[Path], T], tmp: Path | None = None
+) -> tuple[registry.ModelVersionInfo, T]:
+    """``read`` applied to a checked download of version ``uri`` (pinned first: an alias moving
+    meanwhile cannot mix two versions), and the version.
+
+    A :class:`FormatError` from ``read`` is raised again naming the version and the file
+    relative to the version, not the temporary directory it was downloaded to.
+    """
+    version = registry.resolve(uri, tracking_uri)
+    label = version.uri if uri == version.uri else f"{version.uri} ({uri})"
+    with tempfile.TemporaryDirectory() if tmp is None else contextlib.nullcontext(tmp) as where:
+        directory = registry.download(version.uri, tracking_uri, Path(where))
+        try:
+            return version, read(directory)
+        except FormatError as e:
+            try:
+                file = Path(e.path).relative_to(directory).as_posix()
+            except ValueError:
+                file = os.fspath(e.path)
+            raise FormatError(
+                f"{label}: {file}",
+                f"{e.problem} The version cannot be used: register a new one (rerun `lopt run`) "
+                f"or use another version of {version.name!r} (e.g. @previous).",
+            ) from None
 
 
 def fetch_optimizer(
@@ -92,7 +170,8 @@ def fetch_optimizer(
     ``num_steps`` is the planned length of the fine-tuning run (the schedule stretches to
     it); by default, the horizon the optimizer was meta-trained for. ``opt.init(params)``
     raises a ``LayoutMismatchError`` naming the layers when ``params`` belong to another
-    architecture. Nothing is unpickled: θ is msgpack, the rest JSON.
+    architecture. Nothing is unpickled: θ is msgpack, the rest JSON. A version whose files
+    are not the registered ones, or not a readable optimizer, raises (see :func:`load_optimizer`).
     """
     if num_steps is not None:  # checked before anything is downloaded
         num_steps = check_horizon(num_steps)

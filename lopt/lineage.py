@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parent
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,6 +39,31 @@ def code_version() -> str:
         return f"lopt=={importlib.metadata.version('lopt')}"
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A short sha256 of the lopt sources (every ``lopt/**/*.py``, path and bytes).
+
+    It changes with any edit of the code, committed or not, and is the same for an installed
+    package and a checkout of the same sources: what caches of lopt's results (meta-training
+    checkpoints, the benchmark's trained optimizers) are keyed on, so that none outlives the
+    code that made it. Cached: the sources of a running process do not change under it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def code_fingerprint() -> str:
+    """``lopt==<package version>+<source hash>``: the code, whether installed or checked out."""
+    try:
+        version = importlib.metadata.version("lopt")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"lopt=={version}+{source_hash()}"
 
 
 def data_hash(datasets: Sequence[Mapping[str, Any]]) -> str:

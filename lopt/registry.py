@@ -24,6 +24,13 @@ resolved at download time through the run, with the tracking URI we pass explici
 code works for an embedded SQLite store with a local artifact root and for an HTTP server that
 proxies its artifact store.
 
+What a version's files are is recorded on the version: the tag ``lopt.files`` holds
+``{"<relative path>": {"bytes": n, "sha256": "<hex>"}}`` for every file, set in the same request
+that creates the version, and :func:`download` checks the copy against it (see there). It is a
+version tag, not a file logged next to the others, so that it lives in the registry's database
+rather than in the artifact store it vouches for, and is visible in the MLflow UI and through
+``MlflowClient().get_model_version(name, version).tags["lopt.files"]``.
+
 Tracking URIs: every function takes ``tracking_uri``; ``None`` means ``$MLFLOW_TRACKING_URI``,
 else an embedded SQLite store under ``$LOPT_HOME`` (default ``.lopt`` in the working directory).
 Every call builds an explicit ``MlflowClient`` for that URI; nothing here sets MLflow's global
@@ -34,12 +41,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +66,11 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 
 __all__ = [
+    "FILES_TAG",
+    "IntegrityError",
     "ModelRef",
     "ModelVersionInfo",
     "RegistrationError",
@@ -107,6 +121,8 @@ _ACCEPTED_URI_FORMS = (
 _NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 _READY = "READY"
 _PENDING = "PENDING_REGISTRATION"
+# The version tag recording every registered file's size and sha256 (see the module docstring).
+FILES_TAG = "lopt.files"
 
 
 class RegistryError(LookupError):
@@ -118,6 +134,14 @@ class RegistryError(LookupError):
 
 class RegistrationError(RuntimeError):
     """Registering a directory failed; nothing half-registered was left behind."""
+
+
+class IntegrityError(ValueError):
+    """The files of a model version are not the files that were registered: one is missing,
+    changed or truncated in the artifact store, or an unregistered one appeared.
+
+    The message names the version, the file and what to do.
+    """
 
 
 class ModelRef(NamedTuple):
@@ -170,13 +194,18 @@ def default_artifact_root() -> Path:
     return lopt_home() / "mlartifacts"
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The argument if non-empty, else ``$MLFLOW_TRACKING_URI``, else ``<LOPT_HOME>/mlflow.db``."""
+def resolve_tracking_uri(tracking_uri: str | None = None, *, create_home: bool = True) -> str:
+    """The argument if non-empty, else ``$MLFLOW_TRACKING_URI``, else ``<LOPT_HOME>/mlflow.db``.
+
+    ``create_home=False`` for read-only commands: the default store's directory is not created
+    (a lookup in a store that does not exist then says so, see :func:`resolve`).
+    """
     if tracking_uri:
         return tracking_uri
     if from_env := os.environ.get("MLFLOW_TRACKING_URI"):
         return from_env
-    return f"sqlite:///{lopt_home() / 'mlflow.db'}"
+    home = lopt_home() if create_home else Path(os.environ.get("LOPT_HOME") or ".lopt").expanduser().absolute()
+    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
@@ -503,37 +532,147 @@ def download(
     Only files are copied; nothing is deserialized. The result is always a fresh copy, under
     ``dst`` or a new temporary directory: MLflow would otherwise hand back the store's own
     directory for a local artifact root, where a careless consumer could modify the registry.
+
+    The copy is checked against the version's ``lopt.files`` tag (size and sha256 of every
+    registered file): a file missing, changed or truncated in the artifact store, or one that was
+    never registered, raises :class:`IntegrityError` naming the version and the file. Versions
+    registered before lopt recorded that tag have none; they are downloaded unchecked, and only
+    the format checks of their readers (:mod:`lopt.serialization`, via :mod:`lopt.hub`) apply.
     """
     info = resolve(uri, tracking_uri)
     client, resolved_uri = _client(tracking_uri)
+    label = info.uri if uri == info.uri else f"{info.uri} ({uri})"
     # Resolve the version ourselves and download its underlying location: passing the models:/
     # URI to MLflow would look it up through the global registry URI, not ours.
     location = client.get_model_version_download_uri(info.name, str(info.version))
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="lopt-model-"))
     target.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=location,
-        dst_path=os.fspath(target),
-        tracking_uri=resolved_uri,
-        registry_uri=resolved_uri,
-    )
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=location,
+            dst_path=os.fspath(target),
+            tracking_uri=resolved_uri,
+            registry_uri=resolved_uri,
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise IntegrityError(
+            f"{label}: its files are gone from the artifact store ({info.source} is empty or "
+            f"missing). Delete this version and register it again (rerun `lopt run`), or use "
+            f"another version of {info.name!r}."
+        ) from None
+    if FILES_TAG in info.tags:
+        try:
+            _verify_files(Path(local), info.tags[FILES_TAG], label, info.name)
+        except IntegrityError:
+            if dst is None:  # our temporary copy: nobody else would delete it
+                shutil.rmtree(target, ignore_errors=True)
+            raise
     return Path(local)
 
 
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative posix path: {"bytes": size, "sha256": hex}}`` of every file under
+    ``directory``, the value of the ``lopt.files`` tag."""
+    manifest = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        manifest[path.relative_to(directory).as_posix()] = {
+            "bytes": path.stat().st_size,
+            "sha256": digest.hexdigest(),
+        }
+    return manifest
+
+
+def _verify_files(directory: Path, recorded_json: str, label: str, name: str) -> None:
+    """Raises :class:`IntegrityError` unless ``directory`` holds exactly the recorded files."""
+    advice = (
+        f"Do not use this version: use another version of {name!r} (e.g. @previous), or "
+        f"register a new one (rerun `lopt run`) and delete this one."
+    )
+    try:
+        recorded = json.loads(recorded_json)
+        expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in recorded.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise IntegrityError(
+            f"{label}: its {FILES_TAG!r} tag is not a valid file list, so its files cannot be "
+            f"checked. {advice}"
+        ) from None
+    actual = {k: (v["bytes"], v["sha256"]) for k, v in _manifest(directory).items()}
+    problems = []
+    for file, (size, sha) in sorted(expected.items()):
+        if file not in actual:
+            problems.append(f"{file} is missing from the artifact store")
+        elif actual[file] != (size, sha):
+            got_size, got_sha = actual[file]
+            how = "truncated" if got_size < size else "changed"
+            problems.append(
+                f"{file} was {how} after registration ({got_size} bytes, sha256 "
+                f"{got_sha[:12]}…; registered: {size} bytes, sha256 {sha[:12]}…)"
+            )
+    problems += [f"{file} was never registered" for file in sorted(set(actual) - set(expected))]
+    if problems:
+        more = f" (and {len(problems) - 1} more problem{'s' * (len(problems) > 2)})" if len(problems) > 1 else ""
+        raise IntegrityError(f"{label}: {problems[0]}{more}. {advice}")
+
+
 def model_exists(name: str, tracking_uri: str | None = None) -> bool:
-    """Whether a registered model ``name`` exists."""
+    """Whether a registered model ``name`` exists (False, and nothing created, when the local
+    store does not exist)."""
+    if _missing_local_store(resolve_tracking_uri(tracking_uri)) is not None:
+        return False
     client, _ = _client(tracking_uri)
     return _registered_model_or_none(client, name) is not None
 
 
 def alias_exists(name: str, alias: str, tracking_uri: str | None = None) -> bool:
     """Whether registered model ``name`` exists and has ``alias``."""
+    if _missing_local_store(resolve_tracking_uri(tracking_uri)) is not None:
+        return False
     client, _ = _client(tracking_uri)
     model = _registered_model_or_none(client, name)
     return model is not None and alias in model.aliases
 
 
+def _missing_local_store(uri: str) -> Path | None:
+    """Where a local store (SQLite file, ``file:`` directory) would be, if it does not exist.
+
+    MLflow creates a local store (and its directory) as soon as a client for it is made, so this
+    is asked before :func:`_client`: a lookup must not leave an empty store behind, and then
+    report a model missing from it as if it had looked in the right place. Servers and database
+    servers: None, they are asked.
+    """
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme.split("+")[0] == "sqlite":
+        database = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+        if database in ("", ":memory:"):
+            return None
+        path = Path(database)
+    elif scheme == "file":
+        path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(uri).path))
+    elif scheme == "":
+        path = Path(uri)
+    else:
+        return None
+    return None if path.exists() else path.absolute()
+
+
+def _require_store(uri: str, ref: ModelRef) -> None:
+    if (path := _missing_local_store(uri)) is not None:
+        raise RegistryError(
+            f"There is no MLflow store at {path} (tracking URI {_redacted(uri)}), so no "
+            f"{ref.uri}: nothing was ever registered there. Point --tracking-uri / "
+            f"$MLFLOW_TRACKING_URI (or --home / $LOPT_HOME for the default store) at the store "
+            f"that holds the model, or run `lopt run` first to create it."
+        )
+
+
 def _resolve_ref(ref: ModelRef, tracking_uri: str | None) -> ModelVersionInfo:
+    _require_store(resolve_tracking_uri(tracking_uri), ref)
     client, uri = _client(tracking_uri)
     try:
         if ref.alias is not None:
@@ -653,13 +792,21 @@ def register_directory(
 ) -> int:
     """Register the files under ``local_dir`` as a new version of ``name``; return its number.
 
-    The files are logged to run ``run_id`` under ``artifact_path`` (which must be unused in that
-    run: a ``runs:/`` source is the run's files, so overwriting them would silently change an
-    earlier version), the registered model is created if absent, and the version gets ``tags``,
-    ``description`` and ``aliases`` (moved from whichever version held them).
+    The files are logged to run ``run_id`` under ``artifact_path``, the registered model is
+    created if absent, and the version gets ``tags``, ``description``, ``aliases`` (moved from
+    whichever version held them) and the tag ``lopt.files`` (:data:`FILES_TAG`: size and sha256
+    of every file, checked by :func:`download`).
 
-    All or nothing: if anything fails once the version exists, the version (and the registered
-    model, if this call created it) is deleted again and :class:`RegistrationError` is raised.
+    ``artifact_path`` must not hold the files of a version in that run: a ``runs:/`` source is
+    the run's files, so overwriting them would silently change an earlier version
+    (``ValueError``). Files there that no version uses are what an earlier, failed attempt left
+    (e.g. a process killed between logging and creating the version): they are replaced, so a
+    retried step succeeds.
+
+    All or nothing: if logging or creating the version fails, the files logged are deleted again
+    and the error is raised; if anything fails once the version exists, the version (and the
+    registered model, if this call created it) and its files are deleted again and
+    :class:`RegistrationError` is raised. Either way the run and the registry are as they were.
     """
     local = Path(local_dir)
     if not local.is_dir() or not any(p.is_file() for p in local.rglob("*")):
@@ -668,27 +815,34 @@ def register_directory(
     for alias in aliases:
         _check_alias(alias)
     client, uri = _client(tracking_uri)
-    if client.list_artifacts(run_id, artifact_path):
-        raise ValueError(
-            f"Run {run_id} already has artifacts under {artifact_path!r}; registering there would "
-            f"overwrite the files of an earlier version. Use a fresh artifact_path or run."
-        )
-    client.log_artifacts(run_id, os.fspath(local), artifact_path)
+    _clear_unused_artifacts(client, uri, run_id, artifact_path)
+    version_tags = {k: str(v) for k, v in (tags or {}).items()}
+    version_tags[FILES_TAG] = json.dumps(_manifest(local), sort_keys=True, separators=(",", ":"))
 
-    created_model = _create_model_if_absent(client, name)
+    created_model = False
     try:
+        client.log_artifacts(run_id, os.fspath(local), artifact_path)
+        created_model = _create_model_if_absent(client, name)
         mv = client.create_model_version(
             name,
             source=f"runs:/{run_id}/{artifact_path}",
             run_id=run_id,
-            tags={k: str(v) for k, v in (tags or {}).items()},
+            tags=version_tags,
             description=description or None,
             # We wait ourselves (below), inside the rollback guard and without MLflow's INFO log.
             await_creation_for=0,
         )
     except BaseException:
-        if created_model:
-            _delete_model_if_empty(client, name)
+        # No version exists: take back the model this call created and the files it logged.
+        try:
+            if created_model:
+                _delete_model_if_empty(client, name)
+            _delete_artifacts(client, uri, run_id, artifact_path)
+        except Exception:  # The next attempt replaces unused files; report the first error.
+            _logger.warning(
+                "Could not delete the files logged to run %s under %r after a failed registration; "
+                "a retry replaces them.", run_id, artifact_path, exc_info=True,
+            )
         raise
     version = int(mv.version)
     try:
@@ -696,7 +850,7 @@ def register_directory(
         for alias in aliases:
             client.set_registered_model_alias(name, alias, str(version))
     except BaseException as e:
-        rollback = _rollback(client, name, version, created_model)
+        rollback = _rollback(client, name, version, created_model, uri, run_id, artifact_path)
         if not isinstance(e, Exception):  # KeyboardInterrupt and friends: clean up, then go.
             raise
         raise RegistrationError(
@@ -812,8 +966,17 @@ def _wait_until_ready(client: MlflowClient, mv: ModelVersion, timeout_s: float) 
         raise RuntimeError(f"version {mv.version} ended {mv.status}: {mv.status_message}")
 
 
-def _rollback(client: MlflowClient, name: str, version: int, created_model: bool) -> str:
-    """Delete the half-registered version; return a sentence saying what was undone."""
+def _rollback(
+    client: MlflowClient,
+    name: str,
+    version: int,
+    created_model: bool,
+    uri: str,
+    run_id: str,
+    artifact_path: str,
+) -> str:
+    """Delete the half-registered version, then its files; return a sentence saying what was
+    undone. The files go only once the version is gone: a version must never lose its files."""
     try:
         client.delete_model_version(name, str(version))
         if created_model:
@@ -824,7 +987,51 @@ def _rollback(client: MlflowClient, name: str, version: int, created_model: bool
             f"Rolling back failed too ({cleanup_error}); delete version {version} of {name!r} "
             f"by hand."
         )
-    return f"Version {version} was deleted again; the registry is as it was before."
+    try:
+        _delete_artifacts(client, uri, run_id, artifact_path)
+    except Exception:  # Unused files: the next registration into this run replaces them.
+        _logger.warning("Could not delete the files of rolled-back version %s", version, exc_info=True)
+        return (
+            f"Version {version} was deleted again; its files stay in run {run_id} under "
+            f"{artifact_path!r} until a retry replaces them."
+        )
+    return f"Version {version} and its files were deleted again; the registry is as it was before."
+
+
+def _clear_unused_artifacts(client: MlflowClient, uri: str, run_id: str, artifact_path: str) -> None:
+    """Refuse if a version uses the run's files under ``artifact_path``; delete them if none does.
+
+    Unused files there are left by a registration that failed without cleaning up (killed, or
+    the store went away mid-way); they are no version's files, so replacing them changes
+    nothing anyone can fetch. A version deleted since is not in the search either: its files
+    are free as well.
+    """
+    if not client.list_artifacts(run_id, artifact_path):
+        return
+    source = f"runs:/{run_id}/{artifact_path}"
+    users = [
+        v for v in client.search_model_versions(f"run_id='{run_id}'")
+        if v.source.rstrip("/") == source or v.source.rstrip("/").endswith(f"/{artifact_path}")
+    ]
+    if users:
+        used_by = ", ".join(f"models:/{v.name}/{v.version}" for v in users)
+        raise ValueError(
+            f"Run {run_id} already has artifacts under {artifact_path!r}, the files of {used_by}; "
+            f"registering there would overwrite the files of an earlier version. Use a fresh "
+            f"artifact_path or run."
+        )
+    _logger.warning(
+        "Run %s has files under %r that no model version uses (left by a failed registration); "
+        "replacing them.", run_id, artifact_path,
+    )
+    _delete_artifacts(client, uri, run_id, artifact_path)
+
+
+def _delete_artifacts(client: MlflowClient, uri: str, run_id: str, artifact_path: str) -> None:
+    """Delete the run's files under ``artifact_path`` (local store, or a server that proxies
+    its artifact store, which deletes on request)."""
+    repository = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=uri)
+    repository.delete_artifacts(artifact_path)
 
 
 def _delete_model_if_empty(client: MlflowClient, name: str) -> None:

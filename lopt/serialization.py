@@ -17,24 +17,37 @@ An optimizer directory::
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import numpy as np
 from flax import serialization
 
 from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, MetaParams
-from lopt.models import ModelSpec, Params
+from lopt.models import ModelSpec, Params, init_params
 
 MODEL_FORMAT = "lopt.model"
 OPTIMIZER_FORMAT = "lopt.l3rs"
 FORMAT_VERSION = 1
 
+T = TypeVar("T")
+
 
 class FormatError(ValueError):
-    """A directory does not hold a model or optimizer this version of lopt can read."""
+    """A file of a model or optimizer directory that this version of lopt cannot use.
+
+    ``path`` is the offending file (or a description such as "θ to save in …") and ``problem``
+    what is wrong with it; the message is ``"<path>: <problem>"``. :mod:`lopt.hub` re-raises it
+    naming the registered version instead of the temporary directory it was downloaded to.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
 
 
 def save_pytree(path: Path, tree: Any) -> None:
@@ -43,21 +56,107 @@ def save_pytree(path: Path, tree: Any) -> None:
 
 
 def load_pytree(path: Path) -> Any:
-    return serialization.msgpack_restore(path.read_bytes())
+    """The nested dict of arrays in msgpack file ``path``; :class:`FormatError` when the file is
+    missing, truncated or not such a dict (msgpack's own errors say nothing about the file)."""
+    if not path.is_file():
+        raise FormatError(path, "is missing.")
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises ValueError, TypeError or its own errors on bad bytes
+        raise FormatError(
+            path, f"is not a readable msgpack file, truncated or corrupted ({type(e).__name__}: {e})."
+        ) from None
+    if not isinstance(tree, dict):
+        raise FormatError(path, f"holds a {type(tree).__name__}, expected a map of arrays.")
+    return tree
 
 
 def _read_header(path: Path, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
-        raise FormatError(f"{path} is missing: not a {expected_format} directory.")
-    header = json.loads(path.read_text())
+        raise FormatError(path, f"is missing: not a {expected_format} directory.")
+    try:
+        header = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(path, f"is not valid JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise FormatError(path, f"holds a JSON {type(header).__name__}, expected an object.")
     if header.get("format") != expected_format:
-        raise FormatError(f"{path} holds {header.get('format')!r}, expected {expected_format!r}.")
+        raise FormatError(path, f"holds {header.get('format')!r}, expected {expected_format!r}.")
     if header.get("format_version") != FORMAT_VERSION:
         raise FormatError(
-            f"{path} has format version {header.get('format_version')}; this lopt reads "
-            f"version {FORMAT_VERSION}. Upgrade lopt or re-register the artifact."
+            path,
+            f"has format version {header.get('format_version')}; this lopt reads version "
+            f"{FORMAT_VERSION}. Upgrade lopt or re-register the artifact.",
         )
     return header
+
+
+def _parse_field(path: Path, header: Mapping[str, Any], key: str, parse: Callable[[Any], T]) -> T:
+    """``parse(header[key])``, any failure (absent, wrong type, bad value) a :class:`FormatError`
+    naming the field: a ``KeyError: 'config'`` alone tells a user nothing."""
+    if key not in header:
+        raise FormatError(path, f"has no {key!r} field.")
+    try:
+        return parse(header[key])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise FormatError(path, f"field {key!r} is invalid ({type(e).__name__}: {detail}).") from None
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive int, got {value!r}")
+    return value
+
+
+def check_arrays(tree: Any, expected: Any, what: str | Path, dtype: Any = np.float32) -> None:
+    """Raises :class:`FormatError` unless ``tree`` holds exactly the arrays of ``expected`` (a
+    pytree of anything with ``.shape``, e.g. from :func:`jax.eval_shape`), each of ``dtype``
+    and finite. The message names the first array that differs, by its path in the tree."""
+    want = _shapes_by_name(expected)
+    have = {name: np.asarray(leaf) for name, leaf in _leaves_by_name(tree).items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        )
+        raise FormatError(
+            what, f"arrays do not match the config and layout: {'; '.join(parts)}."
+        )
+    for name, shape in want.items():
+        if have[name].shape != shape:
+            raise FormatError(
+                what,
+                f"{name} has shape {list(have[name].shape)}, expected {list(shape)}: the arrays "
+                f"do not match the config and layout (saved with another config?).",
+            )
+    _check_values(have, what, dtype)
+
+
+def check_theta_values(theta: MetaParams, what: str | Path) -> None:
+    """Raises :class:`FormatError` unless every array of θ is float32 and finite: a θ cast to
+    another dtype or poisoned by a diverged meta-step would give silently wrong updates."""
+    _check_values({n: np.asarray(leaf) for n, leaf in _leaves_by_name(theta).items()}, what, np.float32)
+
+
+def _check_values(arrays: Mapping[str, np.ndarray], what: str | Path, dtype: Any) -> None:
+    for name, array in arrays.items():
+        if array.dtype != dtype:
+            raise FormatError(what, f"{name} is {array.dtype}, expected {np.dtype(dtype)}.")
+        if not np.all(np.isfinite(array)):
+            raise FormatError(what, f"{name} holds NaN or inf values.")
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(leaf.shape) for name, leaf in _leaves_by_name(tree).items()}
 
 
 def save_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[str, Any] = {}) -> Path:
@@ -69,9 +168,20 @@ def save_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[
 
 
 def load_model(directory: Path) -> tuple[ModelSpec, Params, dict[str, Any]]:
-    header = _read_header(directory / "model.json", MODEL_FORMAT)
-    params = load_pytree(directory / "params.msgpack")
-    return ModelSpec.from_json(header["spec"]), params, header
+    """Spec, params and header of a model directory. Every failure is a :class:`FormatError`
+    naming the file: a missing or malformed ``spec``, params that are missing, truncated, not
+    float32, not finite or not the shapes the spec's network has."""
+    path = directory / "model.json"
+    header = _read_header(path, MODEL_FORMAT)
+    spec = _parse_field(path, header, "spec", ModelSpec.from_json)
+    params_path = directory / "params.msgpack"
+    params = load_pytree(params_path)
+    try:
+        expected = jax.eval_shape(functools.partial(init_params, spec), jax.random.key(0))
+    except Exception as e:  # a spec whose network cannot be built (e.g. a zero-sized layer)
+        raise FormatError(path, f"field 'spec' describes no buildable network ({type(e).__name__}: {e}).") from None
+    check_arrays(params, expected, params_path)
+    return spec, params, header
 
 
 def save_optimizer(
@@ -96,22 +206,25 @@ def save_optimizer(
     return directory
 
 
-def check_theta_values(theta: MetaParams, what: str) -> None:
-    """Raises :class:`FormatError` unless every array of θ is float32 and finite: a θ cast to
-    another dtype or poisoned by a diverged meta-step would give silently wrong updates."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(theta):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        array = np.asarray(leaf)
-        if array.dtype != np.float32:
-            raise FormatError(f"{what}: {name} is {array.dtype}, expected float32.")
-        if not np.all(np.isfinite(array)):
-            raise FormatError(f"{what}: {name} holds NaN or inf values.")
-
-
 def load_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
-    header = _read_header(directory / "optimizer.json", OPTIMIZER_FORMAT)
-    l3rs = L3RS(L3RSConfig.from_json(header["config"]), LayerLayout.from_json(header["layout"]))
-    theta = load_pytree(directory / "meta_params.msgpack")
-    l3rs.check_meta_params(theta)
-    check_theta_values(theta, f"{directory / 'meta_params.msgpack'}")
+    """Architecture, θ and header of an optimizer directory.
+
+    Every failure is a :class:`FormatError` naming the file: a missing or malformed
+    ``config``/``layout``/``horizon`` in ``optimizer.json``, a ``meta_params.msgpack`` that is
+    missing or truncated, or a θ whose arrays are not exactly those the config and layout call
+    for (names and shapes), float32 and finite.
+    """
+    path = directory / "optimizer.json"
+    header = _read_header(path, OPTIMIZER_FORMAT)
+    config = _parse_field(path, header, "config", L3RSConfig.from_json)
+    layout = _parse_field(path, header, "layout", LayerLayout.from_json)
+    _parse_field(path, header, "horizon", _positive_int)
+    try:
+        l3rs = L3RS(config, layout)
+        expected = jax.eval_shape(l3rs.init, jax.random.key(0))
+    except Exception as e:
+        raise FormatError(path, f"'config' and 'layout' do not fit together ({type(e).__name__}: {e}).") from None
+    theta_path = directory / "meta_params.msgpack"
+    theta = load_pytree(theta_path)
+    check_arrays(theta, expected, theta_path)
     return l3rs, theta, header

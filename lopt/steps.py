@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt import registry
+from lopt.checkpointing import checkpoint_key
 from lopt.config import RunConfig, get_config, variant_label, with_variant
 from lopt.data import DatasetUnavailableError, load_dataset
 from lopt.evaluation import pretrain, trace_controls
@@ -242,7 +243,8 @@ def meta_train_optimizer(
     default); writes it to ``output_dir``.
 
     Checkpoints go to ``checkpoint_dir`` (default: under ``$LOPT_HOME/checkpoints``, named
-    after the base model version and the config hash). With ``retrain`` false (the champion
+    after the base model version and :func:`lopt.checkpointing.checkpoint_key` of the config,
+    the code and the task family's data). With ``retrain`` false (the champion
     optimizer is up to date, see :func:`retrain_decision`), nothing is trained: the
     champion's files go to ``output_dir`` with a ``skipped.json`` that tells the later steps.
 
@@ -268,9 +270,11 @@ def meta_train_optimizer(
     estimator = make_estimator(cfg, l3rs, spec, pretrained, family)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     logger = registry.RunLogger(run_id, uri)
-    # Same base model and config: a rerun after a kill resumes where the last run stopped.
+    # Same base model, config, code and data: a rerun after a kill resumes where the last run
+    # stopped; after an upgrade of lopt or with changed data, it starts over.
     checkpoints = checkpoint_dir or str(
-        registry.lopt_home() / "checkpoints" / _slug(f"{base_model_uri}-{config.hash()}")
+        registry.lopt_home() / "checkpoints"
+        / _slug(f"{base_model_uri}-{checkpoint_key(config.hash(), family.content_hash)}")
     )
     result = meta_train(
         estimator,

@@ -207,14 +207,31 @@ def cmd_retrain_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    _home(args.home)
+    """Read-only: creates no store or home (a missing one is an error saying where it looked),
+    and writes only into ``--out``, once the version's files passed their checks."""
+    home = Path(args.home or os.environ.get("LOPT_HOME") or ".lopt").resolve()
+    os.environ["LOPT_HOME"] = str(home)
     from lopt import registry
     from lopt.hub import fetch_files
 
-    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
+    out = Path(args.out).resolve()
+    if args.force and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents
+                       or out == home or out in home.parents):
+        raise ValueError(
+            f"--force would empty {out}, which holds the working directory or LOPT_HOME ({home}); "
+            f"fetch into a directory of its own."
+        )
+    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri, create_home=False)
     version = registry.resolve(args.uri, tracking_uri)
-    out = fetch_files(version.uri, args.out, tracking_uri)
-    print(f"{version.uri} ({args.uri}) -> {out}")
+    try:
+        out = fetch_files(version.uri, out, tracking_uri, overwrite=args.force)
+    except FileExistsError as err:
+        print(f"lopt: error: {err}", file=sys.stderr)
+        return 2
+    checked = ("sha256 of every file checked against the version"
+               if registry.FILES_TAG in version.tags
+               else "registered before lopt recorded sha256s: format checked only")
+    print(f"{version.uri} ({args.uri}) -> {out} ({checked})")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(out)}  {path.stat().st_size} bytes")
     return 0
@@ -405,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch", help="write a registered optimizer's files (JSON + msgpack) to a folder")
     fetch.add_argument("uri", help="e.g. models:/l3rs-cnn-mnist@champion")
-    fetch.add_argument("--out", required=True, help="output folder")
+    fetch.add_argument("--out", required=True, help="output folder: new or empty (see --force)")
+    fetch.add_argument("--force", action="store_true", help="replace the content of a non-empty --out folder")
     fetch.add_argument("--home", default=None, help=HOME_HELP)
     fetch.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     fetch.set_defaults(func=cmd_fetch)

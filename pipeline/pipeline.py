@@ -33,6 +33,9 @@ MLFLOW_SECRET = "mlflow-credentials"
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 CONFIG_MAP = "lopt-config"
 CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI",)
+# The label of every step's pod: the MLflow server accepts connections only from pods that
+# carry it (manifests/base/networkpolicies.yaml).
+POD_LABELS = {"lopt-mlflow-client": "true"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,8 @@ class ClusterTarget:
         kubernetes.use_config_map_as_env(
             task, config_map_name=self.config_map, config_map_key_to_env={k: k for k in CONFIG_MAP_KEYS}
         )
+        for key, value in POD_LABELS.items():
+            kubernetes.add_pod_label(task, key, value)
 
 
 def build_pipeline(cluster: Optional["ClusterTarget"] = None) -> Callable:

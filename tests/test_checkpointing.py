@@ -132,7 +132,7 @@ def test_a_killed_process_resumes_to_the_same_theta(full_run, tmp_path):
     assert len(resumed.history) == NUM_STEPS
     _assert_same_theta(resumed.theta, full.theta)
     # A save cut short by the kill left a temporary directory at most; opening removed it.
-    assert sorted(os.listdir(tmp_path)) == ["20", "25"]
+    assert sorted(os.listdir(tmp_path)) == ["20", "25", "lopt.lock"]
 
 
 def test_a_checkpoint_of_another_meta_training_is_refused(full_run):

@@ -105,6 +105,9 @@ def test_register_and_download_every_uri_form(
     info = registry.resolve(f"models:/{name}@champion", store.uri)
     assert info.version == 1 and info.uri == f"models:/{name}/1"
     assert set(info.aliases) == {"champion", "challenger"}
+    files = json.loads(info.tags.pop(registry.FILES_TAG))  # every file's size and sha256
+    assert sorted(files) == ["arrays/params.msgpack", "meta.json"]
+    assert files["arrays/params.msgpack"]["bytes"] == 1024
     assert info.tags == {"input_shape": "8,8,1", "format": "msgpack"}
     assert info.description == "a test model"
     assert info.source == f"runs:/{info.run_id}/model"

@@ -1,6 +1,7 @@
 # The MLflow tracking server of manifests/base/mlflow.yaml: MLflow pinned to the client
-# version the project uses, with the PostgreSQL driver. Artifacts go to a local directory
-# (a PersistentVolume), so no storage SDK is needed. Build context is the repository root:
+# version the project uses, with the PostgreSQL driver and MLflow's `auth` extra (Flask-WTF,
+# which the basic-auth app needs). Artifacts go to a local directory (a PersistentVolume), so
+# no storage SDK is needed. Build context is the repository root:
 #   docker build -f manifests/image/mlflow-server.Dockerfile \
 #     -t registry.example.com/lopt-mlflow-server:3.17.2 .
 # Pin the base by digest for reproducible builds (see Dockerfile beside this one).
@@ -22,10 +23,11 @@ RUN groupadd --gid "${MLFLOW_GID}" mlflow \
  && chown mlflow:mlflow /mlflow/artifacts
 
 # MLflow's own dependencies at the versions the project's client runs with (constraints.txt
-# pins mlflow==3.17.2 and everything it needs); the driver is not in that set.
+# pins mlflow==3.17.2 and everything it needs); the driver and the auth extra's packages are
+# not in that set, so they are pinned here to what the tests ran the server with.
 COPY manifests/image/constraints.txt /tmp/constraints.txt
 RUN pip install --no-cache-dir --constraint /tmp/constraints.txt \
-        mlflow==3.17.2 psycopg2-binary==2.9.13 \
+        "mlflow[auth]==3.17.2" psycopg2-binary==2.9.13 Flask-WTF==1.3.0 WTForms==3.3.2 \
  && pip check \
  && rm /tmp/constraints.txt
 
