@@ -49,12 +49,27 @@ from typing import Any, Literal, NamedTuple
 # its per-file progress bars only clutter pipeline logs for the few small files we move.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Bounded waits on a tracking server that is down or unreachable. MLflow's own defaults (120 s per
+# request, 7 retries with backoff factor 2) keep a command silent for minutes before it fails.
+# These apply only where the user set nothing; MLflow reads them at every request, and the
+# pipeline's steps inherit them. Against a closed port a call now fails after ~7 s (four attempts,
+# waits of 0, 2 and 4 s plus jitter); against a host that drops packets after ~1.5 min (4 x 20 s).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 import mlflow.artifacts  # noqa: E402
+import requests  # noqa: E402  (MLflow's HTTP client: its errors say why a server was unreachable)
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities.model_registry import ModelVersion  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.exceptions import MlflowException, RestException  # noqa: E402
+
+from lopt.redaction import redact, split_credentials  # noqa: E402
 
 __all__ = [
     "ModelRef",
@@ -62,12 +77,15 @@ __all__ = [
     "RegistrationError",
     "RegistryError",
     "RunLogger",
+    "TrackingServerError",
     "alias_exists",
     "default_artifact_root",
     "delete_alias",
     "download",
     "end_run",
     "ensure_experiment",
+    "exclusive",
+    "failure_message",
     "get_version",
     "lopt_home",
     "log_artifacts",
@@ -75,12 +93,15 @@ __all__ = [
     "log_params",
     "model_exists",
     "parse_model_uri",
+    "ping",
+    "redact",
     "register_directory",
     "resolve",
     "resolve_tracking_uri",
     "run_logger",
     "set_alias",
     "set_run_tags",
+    "split_credentials",
     "start_run",
 ]
 
@@ -114,6 +135,13 @@ class RegistryError(LookupError):
 
 class RegistrationError(RuntimeError):
     """Registering a directory failed; nothing half-registered was left behind."""
+
+
+class TrackingServerError(RuntimeError):
+    """The tracking store could not be reached, or kept failing, after MLflow's bounded retries.
+
+    The message is one line: the tracking URI (password redacted), why, and what to do.
+    """
 
 
 class ModelRef(NamedTuple):
@@ -179,7 +207,119 @@ def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     uri = resolve_tracking_uri(tracking_uri)
     # The registry URI is passed too: otherwise MLflow falls back to its *global* registry URI,
     # which may point at another store than the one we were asked to use.
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _GuardedClient(client, uri), uri  # type: ignore[return-value]  # same methods
+
+
+class _GuardedClient:
+    """An :class:`MlflowClient` whose every call goes through :func:`_translated`.
+
+    So every function of this module reports an unreachable store as one
+    :class:`TrackingServerError` and never lets a password out in MLflow's messages, without
+    a try/except of its own around each call.
+    """
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._mlflow_client = client
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._mlflow_client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _translated(self._uri):
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+@contextmanager
+def _translated(tracking_uri: str) -> Iterator[None]:
+    """Turns a failure to reach ``tracking_uri`` into :class:`TrackingServerError`, and scrubs
+    credentials from any other MLflow error (MLflow puts the request URL in its messages)."""
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as error:
+        reason = _unreachable_reason(error)
+        if reason is not None:
+            raise TrackingServerError(_unreachable_message(tracking_uri, reason)) from None
+        if isinstance(error, MlflowException) and redact(error.message) != error.message:
+            error.message = redact(error.message)
+            error.args = (error.message,)
+            raise error from None  # the chained cause repeats the URL with its password
+        raise
+
+
+def _unreachable_reason(error: BaseException) -> str | None:
+    """Why the store could not be reached (a few words), or None when the error is another
+    kind: a missing model, a request the server refused, a bug."""
+    if isinstance(error, RestException):
+        return None  # the server answered, with an error of its own
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # MLflow re-raises inside `except`
+        seen.add(id(cause))
+        text = "" if isinstance(cause, MlflowException) else str(cause)
+        if isinstance(cause, requests.exceptions.ConnectTimeout):
+            return f"no connection within {timeout} s"
+        if isinstance(cause, requests.exceptions.Timeout) or "Read timed out" in text:
+            return f"no answer within {timeout} s"
+        if isinstance(cause, requests.exceptions.RetryError) or "too many " in text:
+            return "it answered every attempt with a server error (HTTP 5xx or 429)"
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            if "refused" in text.lower():
+                return "connection refused"
+            if "resolve" in text or "Name or service not known" in text:
+                return "its host name does not resolve"
+            return "the connection failed"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, MlflowException) and re.search(
+        r"failed with timeout exception|failed with error code (?:502|503|504)\b", error.message
+    ):
+        return "the request failed: " + redact(error.message).splitlines()[0][:200]
+    return None
+
+
+def _unreachable_message(tracking_uri: str, reason: str) -> str:
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    attempts = int(retries) + 1 if retries.isdigit() else "?"
+    return (
+        f"cannot reach the MLflow tracking server at {redact(tracking_uri)}: {reason} "
+        f"({attempts} attempt{'' if attempts == 1 else 's'}; "
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, MLFLOW_HTTP_REQUEST_TIMEOUT={timeout} s). "
+        f"Check that the server is running and that --tracking-uri or MLFLOW_TRACKING_URI names "
+        f"it; raise those two variables to wait longer."
+    )
+
+
+def ping(tracking_uri: str | None = None) -> str:
+    """One cheap request to the tracking store; returns its URI, password redacted.
+
+    Raises :class:`TrackingServerError` (after the bounded retries) when it cannot be reached:
+    a command checks this first, so that a server that is down fails it at once, with one line,
+    instead of in the middle of its work.
+    """
+    client, uri = _client(tracking_uri)
+    client.search_experiments(max_results=1)
+    return redact(uri)
+
+
+def failure_message(error: BaseException) -> str | None:
+    """One line for a failure of the tracking store (unreachable, or an MLflow error), else
+    None. What the command line prints instead of a traceback; credentials redacted."""
+    if isinstance(error, TrackingServerError):
+        return str(error)
+    if isinstance(error, (MlflowException, requests.exceptions.RequestException)):
+        reason = _unreachable_reason(error)
+        if reason is not None:
+            return f"the MLflow tracking server is unreachable: {reason}"
+        text = redact(str(error)).strip().splitlines()
+        return f"MLflow: {text[0] if text else type(error).__name__}"
+    return None
 
 
 def _client_writes_artifacts(tracking_uri: str) -> bool:
@@ -193,12 +333,8 @@ def _client_writes_artifacts(tracking_uri: str) -> bool:
 
 
 def _redacted(tracking_uri: str) -> str:
-    """The URI without a password, safe to put in an error message."""
-    parts = urllib.parse.urlsplit(tracking_uri)
-    if parts.password is None:
-        return tracking_uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """The URI without a password, safe to put in an error message (:func:`redact`)."""
+    return redact(tracking_uri)
 
 
 # ---------------------------------------------------------------------------------------------

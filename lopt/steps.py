@@ -535,7 +535,7 @@ def register_validated_optimizer(
             "version": champion.version, "aliases": list(champion.aliases),
             "uri": f"models:/{champion.name}@{CHAMPION}", "base_model": base_model_uri,
             "table": report["table"], "mlflow_run_id": run_id,
-            "tracking_uri": registry.resolve_tracking_uri(uri),
+            "tracking_uri": registry.redact(registry.resolve_tracking_uri(uri)),
         }
     l3rs, theta, header = load_optimizer(Path(optimizer_dir))
     base = registry.resolve(base_model_uri, uri)
@@ -592,7 +592,7 @@ def register_validated_optimizer(
         "promotion": promotion,
         "table": report["table"],
         "mlflow_run_id": run_id,
-        "tracking_uri": registry.resolve_tracking_uri(uri),
+        "tracking_uri": registry.redact(registry.resolve_tracking_uri(uri)),
         "html_report": report.get("html_report"),
         "skipped": False,
     }

@@ -49,7 +49,7 @@ def test_pipeline_against_an_mlflow_server_on_postgres(mlflow_server, tmp_path, 
     import lopt
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _keep_env(monkeypatch, "LOPT_HOME", "XLA_FLAGS")
+    _keep_env(monkeypatch, "LOPT_HOME", "XLA_FLAGS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     # Any artifact the client wrote to a relative default (./mlruns, ./mlartifacts) would land
     # here, where the test can see it.
     workdir = tmp_path / "cwd"
@@ -59,13 +59,20 @@ def test_pipeline_against_an_mlflow_server_on_postgres(mlflow_server, tmp_path, 
     url = mlflow_server.url
 
     # As a cluster would run it: meta-training fanned out over two seeds (dsl.ParallelFor),
-    # the better one on meta-validation selected.
+    # the better one on meta-validation selected. With a password in the URI (the server has no
+    # auth and ignores it): it must not appear in anything printed, the Kubeflow executor's
+    # log of every step's parameters included.
+    secret = "s3cret-Pa55"
+    with_password = url.replace("http://", f"http://lopt:{secret}@", 1)
     args = ["run", "--budget", "tiny", "--overrides", json.dumps(OVERRIDES),
-            "--home", str(home), "--tracking-uri", url, "--fan-out", "2"]
+            "--home", str(home), "--tracking-uri", with_password, "--fan-out", "2"]
     assert cli.main(args) == 0, f"mlflow server log:\n{mlflow_server.log_tail()}"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "registered l3rs-cnn-mnist version 1" in printed
     assert url in printed  # the summary names the server, not a local store
+    assert "Got executor_input" in printed + captured.err  # the executor's log was captured
+    assert secret not in printed + captured.err
 
     client = MlflowClient(tracking_uri=url, registry_uri=url)
     base = client.get_model_version_by_alias("cnn-mnist", "champion")

@@ -1,0 +1,222 @@
+"""Faults of the tracking server (issue #16, items 8, 10 and 11), as a user and an operator meet them.
+
+* A server that is down: every ``lopt`` command that needs it fails within seconds, with one
+  line that names the tracking URI (password redacted), and exits 2; metrics survive a short
+  outage (kept, then written), while what matters for the registry still raises.
+* Locking: :func:`lopt.registry.exclusive` serializes processes on a real ``mlflow server``
+  (PostgreSQL behind it, the ``mlflow_server`` fixture of conftest.py), breaks the lock of a
+  holder that died, and on SQLite puts the lock file next to the database even for a relative
+  ``sqlite:///mlflow.db``.
+* Credentials: a password in the tracking URI appears nowhere lopt prints, logs or raises.
+
+An outage is real: the client talks to the server through a TCP forwarder that the test closes
+(connections refused, open connections cut) and opens again on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lopt import registry
+from lopt.redaction import redact, split_credentials
+from pipeline import cli
+
+SECRET = "s3cret-Pa55"
+# What lopt sets (and a user may change) to bound the wait on a dead server; the tests that do not
+# measure the defaults set the shortest, so that each failure costs about a second.
+FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _restore_env(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Undo, after the test, whatever the code under test does to these variables (the CLI sets
+    LOPT_HOME and the credentials for the steps it starts)."""
+    for name in names:
+        original = os.environ.get(name)
+        monkeypatch.setenv(name, original or "")  # records the original value, or its absence
+        if original is None:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def fast_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in FAST_FAIL.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A fresh LOPT_HOME, no tracking URI or credentials from outside; all restored afterwards."""
+    _restore_env(monkeypatch, "LOPT_HOME", "MLFLOW_TRACKING_URI", "XLA_FLAGS", *CREDENTIAL_VARIABLES)
+    for name in ("MLFLOW_TRACKING_URI", *CREDENTIAL_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("LOPT_HOME", str(home))
+    return home
+
+
+# ---------------------------------------------------------------------------------------------
+# A server that is down
+
+
+CLI_COMMANDS = {
+    "run": ["run", "--budget", "tiny"],
+    "retrain-check": ["retrain-check", "--budget", "tiny"],
+    "fetch": ["fetch", "models:/l3rs-cnn-mnist@champion", "--out", "{out}"],
+    "finetune": ["finetune", "--dataset", "sklearn_digits", "--steps", "5",
+                 "--optimizer", "models:/l3rs-cnn-mnist@champion"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(CLI_COMMANDS))
+def test_every_command_fails_fast_with_one_line_when_the_server_is_down(
+    command, clean_env, fast_fail, tmp_path, capsys
+):
+    url = f"http://lopt:{SECRET}@127.0.0.1:{_closed_port()}"
+    argv = [a.format(out=tmp_path / "out") for a in CLI_COMMANDS[command]]
+    start = time.monotonic()
+    code = cli.main([*argv, "--home", str(clean_env), "--tracking-uri", url])
+    elapsed = time.monotonic() - start
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    # The URI as given, password redacted, or without the credentials (moved to MLflow's
+    # variables, see test_a_command_uses_the_password_but_never_prints_it).
+    server = re.escape(url.rsplit("@", 1)[1])
+    assert re.match(
+        rf"lopt: error: cannot reach the MLflow tracking server at http://(lopt:\*\*\*@)?{server}: "
+        rf"connection refused \(1 attempt; ",
+        lines[0],
+    ), lines[0]
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" in lines[0]
+    assert SECRET not in captured.err + captured.out
+    assert elapsed < 15, f"{command} took {elapsed:.1f} s to give up"
+    assert not (tmp_path / "out").exists()
+
+
+def test_lopt_gives_up_on_a_dead_server_within_seconds_by_default(clean_env, tmp_path):
+    """The shipped defaults, through the installed command: MLflow's own (120 s per request,
+    7 retries with growing waits) kept `lopt fetch` silent for minutes."""
+    env = {k: v for k, v in os.environ.items() if k not in registry.HTTP_DEFAULTS}
+    url = f"http://lopt:{SECRET}@127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "fetch", "models:/l3rs-cnn-mnist@champion",
+         "--out", str(tmp_path / "out"), "--home", str(clean_env), "--tracking-uri", url],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"lopt: error: cannot reach the MLflow tracking server at http://lopt:***@"
+        f"{url.rsplit('@', 1)[1]}: connection refused (4 attempts; "
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES=3, MLFLOW_HTTP_REQUEST_TIMEOUT=20 s). Check that the "
+        f"server is running and that --tracking-uri or MLFLOW_TRACKING_URI names it; raise those "
+        f"two variables to wait longer."
+    ]
+    assert SECRET not in done.stdout + done.stderr
+    # Four attempts, waits of 0, 2 and 4 s plus up to 1 s of jitter each, and the imports.
+    assert elapsed < 45, f"took {elapsed:.1f} s"
+
+
+def test_the_library_raises_one_clear_error_not_mlflows(fast_fail):
+    url = f"http://lopt:{SECRET}@127.0.0.1:{_closed_port()}"
+    with pytest.raises(registry.TrackingServerError) as caught:
+        registry.resolve("models:/cnn-mnist@champion", url)
+    message = str(caught.value)
+    assert message.startswith(f"cannot reach the MLflow tracking server at {redact(url)}")
+    assert SECRET not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_server_that_accepts_but_never_answers_times_out(monkeypatch):
+    """A hung server (or a proxy in front of a dead one): bounded by MLFLOW_HTTP_REQUEST_TIMEOUT."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(registry.TrackingServerError, match="no answer within 1 s"):
+            registry.ping(url)
+    assert time.monotonic() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://lopt:pw@mlflow:5000", "http://lopt:***@mlflow:5000"),
+        ("https://u:p%40ss@h/path?x=1", "https://u:***@h/path?x=1"),
+        ("http://u:p@ss@h:5000/api", "http://u:***@h:5000/api"),  # an unencoded @ as urllib reads it
+        ("postgresql+psycopg2://mlflow:pw@db:5432/mlflow", "postgresql+psycopg2://mlflow:***@db:5432/mlflow"),
+        ("API request to http://u:pw@h:1/api/2.0/x failed", "API request to http://u:***@h:1/api/2.0/x failed"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
+def test_redact(text, expected):
+    assert redact(text) == expected
+
+
+def test_credentials_move_out_of_an_http_uri():
+    assert split_credentials("http://lopt:p%40ss@mlflow:5000/") == (
+        "http://mlflow:5000/",
+        {"MLFLOW_TRACKING_USERNAME": "lopt", "MLFLOW_TRACKING_PASSWORD": "p@ss"},
+    )
+    # A database has no other place for its password; an http URI without one stays as it is.
+    assert split_credentials("postgresql://u:pw@db/m") == ("postgresql://u:pw@db/m", {})
+    assert split_credentials("http://mlflow:5000") == ("http://mlflow:5000", {})
+
+
+def test_a_command_uses_the_password_but_never_prints_it(mlflow_server, clean_env, capsys):
+    """The credentials move to MLflow's variables (which the steps of `lopt run` inherit, and
+    which a cluster fills from the mlflow-credentials Secret); output shows none of them."""
+    host = mlflow_server.url.removeprefix("http://")
+    url = f"http://lopt:{SECRET}@{host}"
+    code = cli.main(["retrain-check", "--budget", "tiny", "--json", "--home", str(clean_env),
+                     "--tracking-uri", url])
+    captured = capsys.readouterr()
+    assert code == 1, captured  # nothing registered yet: retraining is due
+    assert "retrain: no cnn-mnist@champion in the registry yet" in captured.out
+    assert SECRET not in captured.out + captured.err
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "lopt"
+
+
+def test_submit_refuses_a_password_in_the_tracking_uri(capsys):
+    code = cli.main(["submit", "--host", f"http://127.0.0.1:{_closed_port()}", "--image", "lopt:1",
+                     "--tracking-uri", f"http://lopt:{SECRET}@mlflow.lopt:5000"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip().splitlines() == [
+        "lopt: error: --tracking-uri http://lopt:***@mlflow.lopt:5000 carries a password, which "
+        "the cluster would store and show with the run's parameters. Pass it without "
+        "(--tracking-uri http://mlflow.lopt:5000) and put the credentials in the "
+        "'mlflow-credentials' Secret (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD; "
+        "manifests/README.md), which the steps read."
+    ]
