@@ -397,13 +397,23 @@ def log_metrics(
     """
     if not metrics:
         return
-    client, _ = _client(tracking_uri)
+    _write_metrics(run_id, _metric_entries(metrics, step), tracking_uri)
+
+
+def _metric_entries(metrics: Mapping[str, float], step: int | None) -> list[Metric]:
     timestamp = int(time.time() * 1000)
-    entries = [
+    return [
         Metric(key, _as_float(key, value), timestamp, step or 0) for key, value in metrics.items()
     ]
-    for batch in _chunks(entries, _MAX_METRICS_PER_BATCH):
+
+
+def _write_metrics(run_id: str, entries: list[Metric], tracking_uri: str | None) -> None:
+    """Write ``entries`` in batches; on failure, ``entries`` keeps only what was not written."""
+    client, _ = _client(tracking_uri)
+    while entries:
+        batch = entries[:_MAX_METRICS_PER_BATCH]
         client.log_batch(run_id, metrics=batch)
+        del entries[: len(batch)]
 
 
 def log_params(run_id: str, params: Mapping[str, Any], tracking_uri: str | None = None) -> None:
@@ -447,16 +457,93 @@ def end_run(run_id: str, status: RunStatus = "FINISHED", tracking_uri: str | Non
 class RunLogger:
     """One run, bound to one tracking URI: a metrics callback for training loops.
 
-    ``logger(step, metrics)`` and ``logger.log_metrics(metrics, step)`` each make one MLflow call.
+    ``logger(step, metrics)`` and ``logger.log_metrics(metrics, step)`` write at once, in one
+    MLflow call, while the tracking store answers. When it is unreachable
+    (:class:`TrackingServerError`, after MLflow's bounded retries), the metrics are kept in
+    memory with their original timestamps and steps, one warning says so, and a later call
+    writes them: not before ``retry_s`` has passed (doubling up to ``max_retry_s``), so that a
+    training loop does not wait on MLflow's retries at every step of an outage. :meth:`flush`
+    (called by :meth:`end`) writes what is kept, trying for up to ``timeout_s``; what it still
+    cannot write is reported with a warning, never raised: a metric lost to an outage must not
+    cost the training that produced it. At most ``max_pending`` metrics are kept (the oldest
+    are dropped first, with a warning). Params, tags, artifacts and the run's end are written at
+    once and raise: the registry's lineage depends on them.
     """
 
-    def __init__(self, run_id: str, tracking_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        tracking_uri: str | None = None,
+        *,
+        retry_s: float = 15.0,
+        max_retry_s: float = 120.0,
+        max_pending: int = 100_000,
+    ) -> None:
         self.run_id = run_id
         # Resolved once, so a later change of $MLFLOW_TRACKING_URI cannot split a run's logs.
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self._retry_s = retry_s
+        self._max_retry_s = max_retry_s
+        self._max_pending = max_pending
+        self._pending: list[Metric] = []
+        self._delay = retry_s
+        self._next_attempt = 0.0  # time.monotonic() before which no write is tried
+        self._outage: TrackingServerError | None = None
+
+    @property
+    def pending(self) -> int:
+        """How many metrics are kept, waiting for the tracking store to answer again."""
+        return len(self._pending)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        log_metrics(self.run_id, metrics, step, self.tracking_uri)
+        self._pending += _metric_entries(metrics, step)  # a bad value raises here, at once
+        if len(self._pending) > self._max_pending:
+            excess = len(self._pending) - self._max_pending
+            del self._pending[:excess]
+            _logger.warning(
+                "Dropped the %d oldest metrics of run %s kept during the outage (more than %d).",
+                excess, self.run_id, self._max_pending,
+            )
+        if time.monotonic() >= self._next_attempt:
+            self._write_pending()
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Write the metrics kept during an outage, trying for up to ``timeout_s``; True when
+        none is left. Never raises for an unreachable store: it warns what was lost."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending and not self._write_pending():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(self._retry_s, remaining))
+        if self._pending:
+            _logger.warning(
+                "%d metrics of run %s were not written and are lost: %s. The run's params, tags "
+                "and artifacts are not affected.",
+                len(self._pending), self.run_id, self._outage,
+            )
+        return not self._pending
+
+    def _write_pending(self) -> bool:
+        try:
+            _write_metrics(self.run_id, self._pending, self.tracking_uri)
+        except TrackingServerError as error:
+            if self._outage is None:
+                _logger.warning(
+                    "%s — keeping %d metrics of run %s in memory; trying again in %.0f s.",
+                    error, len(self._pending), self.run_id, self._delay,
+                )
+            self._outage = error
+            self._next_attempt = time.monotonic() + self._delay
+            self._delay = min(2 * self._delay, self._max_retry_s)
+            return False
+        if self._outage is not None:
+            _logger.warning(
+                "The tracking server at %s answers again; the metrics of run %s kept meanwhile "
+                "are written.", redact(self.tracking_uri), self.run_id,
+            )
+        self._outage, self._delay, self._next_attempt = None, self._retry_s, 0.0
+        return True
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         self.log_metrics(metrics, step)
@@ -473,6 +560,9 @@ class RunLogger:
         log_artifacts(self.run_id, local_dir, artifact_path, self.tracking_uri)
 
     def end(self, status: RunStatus = "FINISHED") -> None:
+        """Write the metrics kept during an outage (:meth:`flush`; one try when interrupted),
+        then end the run."""
+        self.flush(timeout_s=0.0 if status == "KILLED" else 120.0)
         end_run(self.run_id, status, self.tracking_uri)
 
 

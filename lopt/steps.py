@@ -255,6 +255,9 @@ def meta_train_optimizer(
         cfg.horizon,
         {"meta_training": summary, "base_model_uri": base_model_uri, "config_hash": run_config.hash()},
     )
+    # Metrics kept through an outage of the tracking server are written now, or reported lost
+    # (a warning): never a reason to fail the step that holds the trained optimizer.
+    logger.flush()
     return summary
 
 

@@ -163,6 +163,127 @@ def test_a_server_that_accepts_but_never_answers_times_out(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+class Forwarder:
+    """A TCP forwarder from a port on 127.0.0.1 to the server: :meth:`cut` closes the port and
+    every open connection (an outage), :meth:`restore` listens on the same port again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = _closed_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def forwarder(mlflow_server):
+    host, port = mlflow_server.url.removeprefix("http://").split(":")
+    forwarder = Forwarder((host, int(port)))
+    yield forwarder
+    forwarder.cut()
+
+
+def _history(url: str, run_id: str, key: str) -> dict[int, float]:
+    client = MlflowClient(tracking_uri=url)
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_metrics_survive_a_short_outage_of_the_server(mlflow_server, forwarder, fast_fail, caplog):
+    run_id = registry.start_run("faults-outage", tracking_uri=forwarder.url)
+    logger = registry.RunLogger(run_id, forwarder.url, retry_s=0.2)
+    logger(0, {"objective": 0.5})
+    assert _history(mlflow_server.url, run_id, "objective") == {0: 0.5}  # written at once
+
+    forwarder.cut()
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lopt.registry"):
+        for step in range(1, 6):  # meta-steps during the outage: none raises
+            logger(step, {"objective": 0.5 - step / 10})
+            time.sleep(0.05)
+    assert time.monotonic() - start < 10
+    assert logger.pending == 5
+    warnings = [r.getMessage() for r in caplog.records if "keeping" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # one warning per outage, not one per step
+    assert "cannot reach the MLflow tracking server" in warnings[0]
+    # What the registry's lineage depends on is not buffered: it fails, clearly.
+    with pytest.raises(registry.TrackingServerError):
+        logger.set_tags({"selected_variant": "seed:0"})
+
+    forwarder.restore()
+    logger(6, {"objective": -0.1})
+    assert logger.flush(timeout_s=10)
+    assert logger.pending == 0
+    history = _history(mlflow_server.url, run_id, "objective")
+    assert history == pytest.approx({s: 0.5 - s / 10 for s in range(7)})
+    registry.end_run(run_id, tracking_uri=forwarder.url)
+
+
+def test_a_flush_that_cannot_reach_the_server_warns_and_does_not_raise(
+    mlflow_server, forwarder, fast_fail, caplog
+):
+    run_id = registry.start_run("faults-outage", tracking_uri=forwarder.url)
+    logger = registry.RunLogger(run_id, forwarder.url, retry_s=0.2)
+    forwarder.cut()
+    with caplog.at_level(logging.WARNING, logger="lopt.registry"):
+        logger(0, {"objective": 1.0})
+        start = time.monotonic()
+        assert logger.flush(timeout_s=1.0) is False
+    assert time.monotonic() - start < 8
+    assert any("1 metrics of run" in r.getMessage() and "lost" in r.getMessage()
+               for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------
 # Credentials
 
