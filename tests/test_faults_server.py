@@ -285,6 +285,114 @@ def test_a_flush_that_cannot_reach_the_server_warns_and_does_not_raise(
 
 
 # ---------------------------------------------------------------------------------------------
+# Locks
+
+
+def _contend(name: str, url: str, contenders: int, hold_s: float, **kwargs) -> list[tuple[float, float]]:
+    """``contenders`` threads, each holding ``exclusive(name, url)`` for ``hold_s``; their
+    (enter, leave) times. Each thread takes its own ticket, exactly as separate processes do."""
+    spans: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(contenders)
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            with registry.exclusive(name, url, **kwargs):
+                enter = time.monotonic()
+                time.sleep(hold_s)
+                spans.append((enter, time.monotonic()))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return sorted(spans)
+
+
+def test_exclusive_holds_on_an_mlflow_server(mlflow_server):
+    spans = _contend("promotion-race", mlflow_server.url, contenders=4, hold_s=0.3)
+    assert len(spans) == 4
+    for (_, left), (entered, _) in zip(spans, spans[1:]):
+        assert entered >= left, f"two holders at once: {spans}"
+    # Every ticket is gone again; the lock model stays, out of the way.
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert client.search_model_versions("name='lopt-lock.promotion-race'") == []
+    assert client.get_registered_model("lopt-lock.promotion-race").tags == {"lopt.lock": "true"}
+
+
+def test_the_lock_of_a_dead_holder_expires(mlflow_server, caplog):
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    with registry.exclusive("crashed", mlflow_server.url):
+        pass  # creates the lock model
+    # A process that took its ticket and died: nobody renews it.
+    dead = client.create_model_version(
+        "lopt-lock.crashed", source="lopt-lock:/gone/1",
+        tags={"lopt.lock.owner": "gone:1", "lopt.lock.heartbeat": "0"},
+    )
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lopt.registry"):
+        with registry.exclusive("crashed", mlflow_server.url, lease_s=1.0, timeout_s=30):
+            waited = time.monotonic() - start
+    assert 1.0 <= waited < 15, waited
+    assert any("holder gone:1 has not renewed it" in r.getMessage() for r in caplog.records)
+    assert dead.version not in {v.version for v in client.search_model_versions("name='lopt-lock.crashed'")}
+
+
+def test_a_live_holder_keeps_its_lock_and_a_waiter_times_out_naming_it(mlflow_server):
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with registry.exclusive("busy", mlflow_server.url, lease_s=1.0):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        # Three leases long: the heartbeat keeps the holder's ticket alive all along.
+        with pytest.raises(TimeoutError, match=r"held by .+:\d+ \(ticket v\d+\)"):
+            with registry.exclusive("busy", mlflow_server.url, lease_s=1.0, timeout_s=3.0):
+                pytest.fail("got a lock that another process holds")
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_a_relative_sqlite_uri_locks_next_to_its_database(tmp_path, monkeypatch):
+    """`sqlite:///mlflow.db` is mlflow.db in the working directory: the lock goes there, not /."""
+    monkeypatch.chdir(tmp_path)
+    name = f"model-{tmp_path.name}"  # unique: the old code's lock file, in /, would stay behind
+    with registry.exclusive(name, "sqlite:///mlflow.db"):
+        assert (tmp_path / f"mlflow.db.{name}.lock").is_file()
+    assert not Path(f"/mlflow.db.{name}.lock").exists()
+    with registry.exclusive(name, f"sqlite:///{tmp_path}/abs.db"):  # four slashes
+        assert (tmp_path / f"abs.db.{name}.lock").is_file()
+
+
+def test_exclusive_holds_between_processes_on_sqlite(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = (
+        "import sys, time\n"
+        "from lopt import registry\n"
+        "with registry.exclusive('m', sys.argv[1]):\n"
+        "    start = time.time(); time.sleep(0.5); print(start, time.time())\n"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    spans = sorted(tuple(map(float, p.communicate(timeout=120)[0].split())) for p in processes)
+    assert spans[1][0] >= spans[0][1], spans
+
+
+# ---------------------------------------------------------------------------------------------
 # Credentials
 
 
