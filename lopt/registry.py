@@ -47,7 +47,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -60,13 +62,28 @@ from typing import Any, Literal, NamedTuple
 # its per-file progress bars only clutter pipeline logs for the few small files we move.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Bounded waits on a tracking server that is down or unreachable. MLflow's own defaults (120 s per
+# request, 7 retries with backoff factor 2) keep a command silent for minutes before it fails.
+# These apply only where the user set nothing; MLflow reads them at every request, and the
+# pipeline's steps inherit them. Against a closed port a call now fails after ~7 s (four attempts,
+# waits of 0, 2 and 4 s plus jitter); against a host that drops packets after ~1.5 min (4 x 20 s).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 import mlflow.artifacts  # noqa: E402
+import requests  # noqa: E402  (MLflow's HTTP client: its errors say why a server was unreachable)
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities.model_registry import ModelVersion  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.exceptions import MlflowException, RestException  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
+
+from lopt.redaction import redact, split_credentials  # noqa: E402
 
 __all__ = [
     "FILES_TAG",
@@ -77,12 +94,15 @@ __all__ = [
     "RegistryError",
     "RunInfo",
     "RunLogger",
+    "TrackingServerError",
     "alias_exists",
     "default_artifact_root",
     "delete_alias",
     "download",
     "end_run",
     "ensure_experiment",
+    "exclusive",
+    "failure_message",
     "find_runs",
     "get_version",
     "lopt_home",
@@ -92,13 +112,16 @@ __all__ = [
     "log_text",
     "model_exists",
     "parse_model_uri",
+    "ping",
     "read_text",
+    "redact",
     "register_directory",
     "resolve",
     "resolve_tracking_uri",
     "run_logger",
     "set_alias",
     "set_run_tags",
+    "split_credentials",
     "start_run",
 ]
 
@@ -141,6 +164,13 @@ class IntegrityError(ValueError):
     changed or truncated in the artifact store, or an unregistered one appeared.
 
     The message names the version, the file and what to do.
+    """
+
+
+class TrackingServerError(RuntimeError):
+    """The tracking store could not be reached, or kept failing, after MLflow's bounded retries.
+
+    The message is one line: the tracking URI (password redacted), why, and what to do.
     """
 
 
@@ -212,7 +242,119 @@ def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     uri = resolve_tracking_uri(tracking_uri)
     # The registry URI is passed too: otherwise MLflow falls back to its *global* registry URI,
     # which may point at another store than the one we were asked to use.
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _GuardedClient(client, uri), uri  # type: ignore[return-value]  # same methods
+
+
+class _GuardedClient:
+    """An :class:`MlflowClient` whose every call goes through :func:`_translated`.
+
+    So every function of this module reports an unreachable store as one
+    :class:`TrackingServerError` and never lets a password out in MLflow's messages, without
+    a try/except of its own around each call.
+    """
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._mlflow_client = client
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._mlflow_client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _translated(self._uri):
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+@contextmanager
+def _translated(tracking_uri: str) -> Iterator[None]:
+    """Turns a failure to reach ``tracking_uri`` into :class:`TrackingServerError`, and scrubs
+    credentials from any other MLflow error (MLflow puts the request URL in its messages)."""
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as error:
+        reason = _unreachable_reason(error)
+        if reason is not None:
+            raise TrackingServerError(_unreachable_message(tracking_uri, reason)) from None
+        if isinstance(error, MlflowException) and redact(error.message) != error.message:
+            error.message = redact(error.message)
+            error.args = (error.message,)
+            raise error from None  # the chained cause repeats the URL with its password
+        raise
+
+
+def _unreachable_reason(error: BaseException) -> str | None:
+    """Why the store could not be reached (a few words), or None when the error is another
+    kind: a missing model, a request the server refused, a bug."""
+    if isinstance(error, RestException):
+        return None  # the server answered, with an error of its own
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # MLflow re-raises inside `except`
+        seen.add(id(cause))
+        text = "" if isinstance(cause, MlflowException) else str(cause)
+        if isinstance(cause, requests.exceptions.ConnectTimeout):
+            return f"no connection within {timeout} s"
+        if isinstance(cause, requests.exceptions.Timeout) or "Read timed out" in text:
+            return f"no answer within {timeout} s"
+        if isinstance(cause, requests.exceptions.RetryError) or "too many " in text:
+            return "it answered every attempt with a server error (HTTP 5xx or 429)"
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            if "refused" in text.lower():
+                return "connection refused"
+            if "resolve" in text or "Name or service not known" in text:
+                return "its host name does not resolve"
+            return "the connection failed"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, MlflowException) and re.search(
+        r"failed with timeout exception|failed with error code (?:502|503|504)\b", error.message
+    ):
+        return "the request failed: " + redact(error.message).splitlines()[0][:200]
+    return None
+
+
+def _unreachable_message(tracking_uri: str, reason: str) -> str:
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    attempts = int(retries) + 1 if retries.isdigit() else "?"
+    return (
+        f"cannot reach the MLflow tracking server at {redact(tracking_uri)}: {reason} "
+        f"({attempts} attempt{'' if attempts == 1 else 's'}; "
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, MLFLOW_HTTP_REQUEST_TIMEOUT={timeout} s). "
+        f"Check that the server is running and that --tracking-uri or MLFLOW_TRACKING_URI names "
+        f"it; raise those two variables to wait longer."
+    )
+
+
+def ping(tracking_uri: str | None = None) -> str:
+    """One cheap request to the tracking store; returns its URI, password redacted.
+
+    Raises :class:`TrackingServerError` (after the bounded retries) when it cannot be reached:
+    a command checks this first, so that a server that is down fails it at once, with one line,
+    instead of in the middle of its work.
+    """
+    client, uri = _client(tracking_uri)
+    client.search_experiments(max_results=1)
+    return redact(uri)
+
+
+def failure_message(error: BaseException) -> str | None:
+    """One line for a failure of the tracking store (unreachable, or an MLflow error), else
+    None. What the command line prints instead of a traceback; credentials redacted."""
+    if isinstance(error, TrackingServerError):
+        return str(error)
+    if isinstance(error, (MlflowException, requests.exceptions.RequestException)):
+        reason = _unreachable_reason(error)
+        if reason is not None:
+            return f"the MLflow tracking server is unreachable: {reason}"
+        text = redact(str(error)).strip().splitlines()
+        return f"MLflow: {text[0] if text else type(error).__name__}"
+    return None
 
 
 def _client_writes_artifacts(tracking_uri: str) -> bool:
@@ -226,12 +368,8 @@ def _client_writes_artifacts(tracking_uri: str) -> bool:
 
 
 def _redacted(tracking_uri: str) -> str:
-    """The URI without a password, safe to put in an error message."""
-    parts = urllib.parse.urlsplit(tracking_uri)
-    if parts.password is None:
-        return tracking_uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """The URI without a password, safe to put in an error message (:func:`redact`)."""
+    return redact(tracking_uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +432,23 @@ def log_metrics(
     """
     if not metrics:
         return
-    client, _ = _client(tracking_uri)
+    _write_metrics(run_id, _metric_entries(metrics, step), tracking_uri)
+
+
+def _metric_entries(metrics: Mapping[str, float], step: int | None) -> list[Metric]:
     timestamp = int(time.time() * 1000)
-    entries = [
+    return [
         Metric(key, _as_float(key, value), timestamp, step or 0) for key, value in metrics.items()
     ]
-    for batch in _chunks(entries, _MAX_METRICS_PER_BATCH):
+
+
+def _write_metrics(run_id: str, entries: list[Metric], tracking_uri: str | None) -> None:
+    """Write ``entries`` in batches; on failure, ``entries`` keeps only what was not written."""
+    client, _ = _client(tracking_uri)
+    while entries:
+        batch = entries[:_MAX_METRICS_PER_BATCH]
         client.log_batch(run_id, metrics=batch)
+        del entries[: len(batch)]
 
 
 def log_params(run_id: str, params: Mapping[str, Any], tracking_uri: str | None = None) -> None:
@@ -401,16 +549,93 @@ def find_runs(
 class RunLogger:
     """One run, bound to one tracking URI: a metrics callback for training loops.
 
-    ``logger(step, metrics)`` and ``logger.log_metrics(metrics, step)`` each make one MLflow call.
+    ``logger(step, metrics)`` and ``logger.log_metrics(metrics, step)`` write at once, in one
+    MLflow call, while the tracking store answers. When it is unreachable
+    (:class:`TrackingServerError`, after MLflow's bounded retries), the metrics are kept in
+    memory with their original timestamps and steps, one warning says so, and a later call
+    writes them: not before ``retry_s`` has passed (doubling up to ``max_retry_s``), so that a
+    training loop does not wait on MLflow's retries at every step of an outage. :meth:`flush`
+    (called by :meth:`end`) writes what is kept, trying for up to ``timeout_s``; what it still
+    cannot write is reported with a warning, never raised: a metric lost to an outage must not
+    cost the training that produced it. At most ``max_pending`` metrics are kept (the oldest
+    are dropped first, with a warning). Params, tags, artifacts and the run's end are written at
+    once and raise: the registry's lineage depends on them.
     """
 
-    def __init__(self, run_id: str, tracking_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        tracking_uri: str | None = None,
+        *,
+        retry_s: float = 15.0,
+        max_retry_s: float = 120.0,
+        max_pending: int = 100_000,
+    ) -> None:
         self.run_id = run_id
         # Resolved once, so a later change of $MLFLOW_TRACKING_URI cannot split a run's logs.
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self._retry_s = retry_s
+        self._max_retry_s = max_retry_s
+        self._max_pending = max_pending
+        self._pending: list[Metric] = []
+        self._delay = retry_s
+        self._next_attempt = 0.0  # time.monotonic() before which no write is tried
+        self._outage: TrackingServerError | None = None
+
+    @property
+    def pending(self) -> int:
+        """How many metrics are kept, waiting for the tracking store to answer again."""
+        return len(self._pending)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        log_metrics(self.run_id, metrics, step, self.tracking_uri)
+        self._pending += _metric_entries(metrics, step)  # a bad value raises here, at once
+        if len(self._pending) > self._max_pending:
+            excess = len(self._pending) - self._max_pending
+            del self._pending[:excess]
+            _logger.warning(
+                "Dropped the %d oldest metrics of run %s kept during the outage (more than %d).",
+                excess, self.run_id, self._max_pending,
+            )
+        if time.monotonic() >= self._next_attempt:
+            self._write_pending()
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Write the metrics kept during an outage, trying for up to ``timeout_s``; True when
+        none is left. Never raises for an unreachable store: it warns what was lost."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending and not self._write_pending():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(self._retry_s, remaining))
+        if self._pending:
+            _logger.warning(
+                "%d metrics of run %s were not written and are lost: %s. The run's params, tags "
+                "and artifacts are not affected.",
+                len(self._pending), self.run_id, self._outage,
+            )
+        return not self._pending
+
+    def _write_pending(self) -> bool:
+        try:
+            _write_metrics(self.run_id, self._pending, self.tracking_uri)
+        except TrackingServerError as error:
+            if self._outage is None:
+                _logger.warning(
+                    "%s — keeping %d metrics of run %s in memory; trying again in %.0f s.",
+                    error, len(self._pending), self.run_id, self._delay,
+                )
+            self._outage = error
+            self._next_attempt = time.monotonic() + self._delay
+            self._delay = min(2 * self._delay, self._max_retry_s)
+            return False
+        if self._outage is not None:
+            _logger.warning(
+                "The tracking server at %s answers again; the metrics of run %s kept meanwhile "
+                "are written.", redact(self.tracking_uri), self.run_id,
+            )
+        self._outage, self._delay, self._next_attempt = None, self._retry_s, 0.0
+        return True
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         self.log_metrics(metrics, step)
@@ -427,6 +652,9 @@ class RunLogger:
         log_artifacts(self.run_id, local_dir, artifact_path, self.tracking_uri)
 
     def end(self, status: RunStatus = "FINISHED") -> None:
+        """Write the metrics kept during an outage (:meth:`flush`; one try when interrupted),
+        then end the run."""
+        self.flush(timeout_s=0.0 if status == "KILLED" else 120.0)
         end_run(self.run_id, status, self.tracking_uri)
 
 
@@ -739,7 +967,10 @@ def _registered_model_or_none(client: MlflowClient, name: str) -> Any:
 
 
 def _existing_models_hint(client: MlflowClient, name: str, shown: int = 10) -> str:
-    names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+    names = sorted(
+        m.name for m in client.search_registered_models(max_results=1000)
+        if not m.name.startswith(LOCK_MODEL_PREFIX)  # exclusive()'s locks are not models
+    )
     if not names:
         return "The registry holds no registered models."
     close = difflib.get_close_matches(name, names, n=3)
@@ -886,30 +1117,232 @@ def set_version_tags(
         raise _not_found(client, uri, ModelRef(name, version=int(version))) from None
 
 
-@contextmanager
-def exclusive(name: str, tracking_uri: str | None = None) -> Iterator[None]:
-    """Serializes read-decide-write sequences on ``name`` (e.g. promotion) between processes.
+# Locks on a tracking server: a registered model per locked name, whose versions are tickets.
+LOCK_MODEL_PREFIX = "lopt-lock."
+_LOCK_HEARTBEAT_TAG = "lopt.lock.heartbeat"
+_LOCK_OWNER_TAG = "lopt.lock.owner"
 
-    For the embedded SQLite store this is an OS file lock next to the database, so two
-    ``lopt run``s on one machine cannot interleave their promotions. A remote tracking
-    server offers no lock; there the caller's compare-and-set leaves a window of one
-    registry round trip.
+
+@contextmanager
+def exclusive(
+    name: str,
+    tracking_uri: str | None = None,
+    *,
+    lease_s: float = 60.0,
+    timeout_s: float = 3600.0,
+) -> Iterator[None]:
+    """Serializes read-decide-write sequences on ``name`` (registering a first base model,
+    promotion) between processes, on every kind of store.
+
+    * Embedded SQLite store: an OS file lock (``fcntl``) next to the database file, relative
+      paths resolved against the working directory as SQLite does. Released by the OS if the
+      process dies.
+    * Any other store (an MLflow server, a database URI): a lock held through the registry
+      itself, :class:`_RegistryLock` — every contender creates a version ("ticket") of the
+      registered model ``lopt-lock.<name>``; the store numbers versions atomically, and the
+      lowest live ticket holds the lock. Tickets are kept alive by a heartbeat tag every
+      ``lease_s / 4`` seconds; a ticket whose heartbeat has not changed for ``lease_s`` (by the
+      waiter's own clock, so clock skew between machines does not matter) belongs to a dead
+      process and is deleted by the next waiter.
+
+    Raises :class:`TimeoutError` after ``timeout_s`` without the lock, naming its holder.
     """
     uri = resolve_tracking_uri(tracking_uri)
-    if not uri.startswith("sqlite:///"):
-        yield
+    if uri.startswith("sqlite:"):
+        database = _sqlite_database(uri)
+        if database is None:  # in memory: one process, nothing to serialize with
+            yield
+            return
+        with _file_lock(database.with_name(f"{database.name}.{_safe_name(name)}.lock")):
+            yield
         return
+    lock = _RegistryLock(name, uri, lease_s)
+    lock.acquire(timeout_s)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file of a SQLAlchemy SQLite URI, absolute; None for an in-memory database.
+
+    ``sqlite:///mlflow.db`` is ``mlflow.db`` in the working directory (three slashes, then a
+    relative path) and ``sqlite:////abs/mlflow.db`` is absolute, as SQLAlchemy reads them.
+    """
+    path = urllib.parse.urlsplit(uri).path
+    path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        return None
+    return Path(urllib.parse.unquote(path)).absolute()
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
     import fcntl  # POSIX only; the embedded store runs on the user's machine or a pod
 
-    database = Path(urllib.parse.urlparse(uri).path)
-    lock = database.with_name(f"{database.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _RegistryLock:
+    """A lock held through the MLflow registry, for stores that several machines share.
+
+    MLflow offers no lock, but it numbers the versions of a registered model atomically (one
+    database transaction, unique per model), which is enough for a ticket lock: take a ticket
+    (create a version of ``lopt-lock.<name>``), wait until no live ticket has a lower number,
+    work, delete the ticket. Waiting is first come, first served. A heartbeat thread keeps the
+    ticket's lease; a ticket nobody renews for ``lease_s`` is removed by a waiter, so a crashed
+    holder delays the others by at most ``lease_s``. A holder paused for longer than its lease
+    (which renewing every ``lease_s / 4`` makes unlikely) loses the lock: it then logs an error.
+    """
+
+    def __init__(self, name: str, tracking_uri: str, lease_s: float) -> None:
+        self.model = LOCK_MODEL_PREFIX + name
+        self.tracking_uri = tracking_uri
+        self.lease_s = lease_s
+        self.version: int | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._heartbeat: Any = None
+        # version -> (last heartbeat seen, time.monotonic() when it was first seen)
+        self._seen: dict[int, tuple[str, float]] = {}
+
+    def acquire(self, timeout_s: float) -> None:
+        client, _ = _client(self.tracking_uri)
+        _create_lock_model(client, self.model)
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        mv = client.create_model_version(
+            self.model,
+            # Not a location of files; an absolute path, as an MLflow server requires of a source.
+            source=f"lopt-lock:/{_safe_name(socket.gethostname())}/{os.getpid()}",
+            tags={_LOCK_OWNER_TAG: owner, _LOCK_HEARTBEAT_TAG: "0"},
+            description=f"lock ticket of {owner}, taken {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+            await_creation_for=0,
+        )
+        self.version = int(mv.version)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"lopt-lock-{self.model}", daemon=True
+        )
+        self._heartbeat.start()
+        try:
+            self._wait(client, timeout_s)
+        except BaseException:
+            self.release()
+            raise
+
+    def _wait(self, client: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        while True:
+            tickets = client.search_model_versions(_name_filter(self.model))
+            if all(int(mv.version) != self.version for mv in tickets):
+                raise RuntimeError(
+                    f"The lock ticket v{self.version} of {self.model!r} was removed while this "
+                    f"process waited (its heartbeat stalled for over {self.lease_s:.0f} s); "
+                    f"try again."
+                )
+            ahead = [mv for mv in tickets if int(mv.version) < (self.version or 0)]
+            if not ahead:
+                return
+            for mv in ahead:
+                if self._expired(mv):
+                    _logger.warning(
+                        "Removing the lock ticket %s of %s: its holder %s has not renewed it "
+                        "for %.0f s.", mv.version, self.model,
+                        (mv.tags or {}).get(_LOCK_OWNER_TAG, "?"), self.lease_s,
+                    )
+                    _delete_version_if_present(client, self.model, int(mv.version))
+            if time.monotonic() > deadline:
+                holder = min(ahead, key=lambda mv: int(mv.version))
+                raise TimeoutError(
+                    f"Waited {timeout_s:.0f} s for the lock {self.model!r} at "
+                    f"{redact(self.tracking_uri)}; it is held by "
+                    f"{(holder.tags or {}).get(_LOCK_OWNER_TAG, '?')} (ticket v{holder.version}). "
+                    f"If that process is gone, its ticket expires {self.lease_s:.0f} s after its "
+                    f"last heartbeat; or delete version {holder.version} of {self.model!r}."
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, max(self.lease_s / 8, 0.1), 2.0)
+
+    def _expired(self, mv: ModelVersion) -> bool:
+        beat = (mv.tags or {}).get(_LOCK_HEARTBEAT_TAG, "")
+        now = time.monotonic()
+        last = self._seen.get(int(mv.version))
+        if last is None or last[0] != beat:
+            self._seen[int(mv.version)] = (beat, now)
+            return False
+        return now - last[1] > self.lease_s
+
+    def _beat(self) -> None:
+        client, _ = _client(self.tracking_uri)
+        count = 0
+        while not self._stop.wait(self.lease_s / 4):
+            count += 1
+            try:
+                client.set_model_version_tag(
+                    self.model, str(self.version), _LOCK_HEARTBEAT_TAG, str(count)
+                )
+            except TrackingServerError as error:  # the lease holds a while: try again
+                _logger.warning("Could not renew the lock %r: %s", self.model, error)
+            except MlflowException as error:
+                if error.error_code not in _NOT_FOUND_CODES:
+                    _logger.warning("Could not renew the lock %r: %s", self.model, error)
+                    continue
+                self.lost = True
+                _logger.error(
+                    "The lock %r was taken from this process (ticket v%s removed after its "
+                    "lease of %.0f s ran out); another process may be doing the same work.",
+                    self.model, self.version, self.lease_s,
+                )
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.version is None:
+            return
+        try:
+            client, _ = _client(self.tracking_uri)
+            _delete_version_if_present(client, self.model, self.version)
+        except TrackingServerError as error:
+            _logger.warning(
+                "Could not release the lock %r (%s); the others wait until its lease of %.0f s "
+                "runs out.", self.model, error, self.lease_s,
+            )
+
+
+def _create_lock_model(client: Any, model: str) -> None:
+    try:
+        client.create_registered_model(
+            model,
+            tags={"lopt.lock": "true"},
+            description=(
+                "A lock of lopt (lopt.registry.exclusive): each version is one process's ticket, "
+                "deleted when it is done. Not a model; safe to delete when no lopt run is active."
+            ),
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _delete_version_if_present(client: Any, model: str, version: int) -> None:
+    try:
+        client.delete_model_version(model, str(version))
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND_CODES:
+            raise
 
 
 def delete_alias(name: str, alias: str, tracking_uri: str | None = None) -> None:

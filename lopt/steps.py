@@ -311,6 +311,9 @@ def meta_train_optimizer(
         cfg.horizon,
         {"meta_training": summary, "base_model_uri": base_model_uri, "config_hash": run_config.hash()},
     )
+    # Metrics kept through an outage of the tracking server are written now, or reported lost
+    # (a warning): never a reason to fail the step that holds the trained optimizer.
+    logger.flush()
     return summary
 
 
@@ -593,7 +596,7 @@ def register_validated_optimizer(
             "version": champion.version, "aliases": list(champion.aliases),
             "uri": f"models:/{champion.name}@{CHAMPION}", "base_model": base_model_uri,
             "table": report["table"], "mlflow_run_id": run_id,
-            "tracking_uri": registry.resolve_tracking_uri(uri),
+            "tracking_uri": registry.redact(registry.resolve_tracking_uri(uri)),
         }, uri)
     l3rs, theta, header = load_optimizer(Path(optimizer_dir))
     base = registry.resolve(base_model_uri, uri)
@@ -649,7 +652,7 @@ def register_validated_optimizer(
         "promotion": promotion,
         "table": report["table"],
         "mlflow_run_id": run_id,
-        "tracking_uri": registry.resolve_tracking_uri(uri),
+        "tracking_uri": registry.redact(registry.resolve_tracking_uri(uri)),
         "html_report": report.get("html_report"),
         "skipped": False,
     }, uri)

@@ -6,10 +6,12 @@ against the embedded MLflow store under ``$LOPT_HOME`` (or ``$MLFLOW_TRACKING_UR
 same components a cluster runs, in subprocesses of this interpreter, offline.
 
 Exit codes (:data:`EXIT_CODES`): 0 success; 1 "no": ``retrain-check`` found retraining due,
-or a step of ``lopt run`` failed (its MLflow run is marked FAILED with the error); 2 bad input
-(the message says what to do); 3 the Kubeflow Pipelines API was unreachable or refused (submit,
-schedule); 4 an unexpected error (the traceback is printed). A crash is never 1, so
-``lopt retrain-check; [ $? -eq 1 ] && lopt run`` retrains only when retraining is due.
+or a step of ``lopt run`` failed (its MLflow run is marked FAILED with the error); 2 bad input,
+or the MLflow tracking server unreachable or refusing (one line that says what to do; a
+password in the tracking URI is never printed); 3 the Kubeflow Pipelines API was unreachable
+or refused (submit, schedule); 4 an unexpected error (the traceback is printed). A crash is
+never 1, so ``lopt retrain-check; [ $? -eq 1 ] && lopt run`` retrains only when retraining is
+due.
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ def _home(path: str | None) -> Path:
     return home
 
 
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """The tracking URI a command uses, with its password moved out, and the store checked.
+
+    A user name and password in an ``http(s)://`` URI go to ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (which MLflow, and the pipeline's steps, read), and the URI is
+    used without them from here on: nothing this command prints, passes to a step or logs can
+    carry the password (:func:`lopt.redaction.split_credentials`). A remote store gets one
+    request now, so that a server that is down fails the command at once, in one line (exit 2),
+    after MLflow's bounded retries (:data:`lopt.registry.HTTP_DEFAULTS`).
+    """
+    from lopt import registry
+
+    uri, credentials = registry.split_credentials(registry.resolve_tracking_uri(args.tracking_uri))
+    os.environ.update(credentials)
+    if from_env := os.environ.get("MLFLOW_TRACKING_URI"):
+        # Inherited by the steps: no password there either.
+        os.environ["MLFLOW_TRACKING_URI"] = registry.split_credentials(from_env)[0]
+    if not uri.startswith("sqlite:"):
+        registry.ping(uri)
+    return uri
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipeline.cluster import compile_package
     from pipeline.pipeline import ClusterTarget
@@ -70,6 +94,7 @@ def _variants(args: argparse.Namespace, budget: str, overrides: str) -> list[str
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = _home(args.home)
+    tracking_uri = _tracking_uri(args)
     from lopt.host import use_all_cores, use_compilation_cache
 
     use_all_cores()
@@ -90,7 +115,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Bad budget, override or dataset name: a clear error now, not a failed step later.
     check_inputs(args.budget, overrides, str(default_data_dir()))
     variants = _variants(args, args.budget, overrides)
-    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
+    parameter_uri = tracking_uri
+    if registry.redact(tracking_uri) != tracking_uri:
+        # A database URI with a password: the executor logs every parameter, so the steps get
+        # the URI from the environment they inherit instead.
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        parameter_uri = ""
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(home / "pipeline_runs"),
@@ -102,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             budget=args.budget,
             overrides=overrides,
-            tracking_uri=tracking_uri,
+            tracking_uri=parameter_uri,
             data_dir=str(default_data_dir()),
             if_stale=args.if_stale,
             variants=variants,
@@ -183,6 +213,9 @@ def _summary(summary: dict, seconds: float, home: Path) -> str:
 
 def _browse(tracking_uri: str) -> str:
     """How to look at the store: a server's own UI, or `mlflow ui` over a local store."""
+    from lopt.redaction import redact
+
+    tracking_uri = redact(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri
     return f"mlflow ui --backend-store-uri {tracking_uri}"
@@ -190,14 +223,14 @@ def _browse(tracking_uri: str) -> str:
 
 def cmd_retrain_check(args: argparse.Namespace) -> int:
     _home(args.home)
-    from lopt import registry
+    tracking_uri = _tracking_uri(args)
     from lopt.config import with_suite
     from lopt.data import default_data_dir
     from lopt.steps import retrain_decision
 
     decision = retrain_decision(
         args.base_model, args.budget, with_suite(args.overrides, args.suite),
-        registry.resolve_tracking_uri(args.tracking_uri), str(default_data_dir()),
+        tracking_uri, str(default_data_dir()),
     )
     print(("retrain: " if decision["retrain"] else "up to date: ") + decision["reason"])
     if args.json:
@@ -248,7 +281,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from lopt.l3rs import eval_params
     from lopt.tasks import TaskSpec, load_task
 
-    tracking_uri = registry.resolve_tracking_uri(args.tracking_uri)
+    tracking_uri = _tracking_uri(args)
     optimizer_version = registry.resolve(args.optimizer, tracking_uri)
     base_uri = args.base_model or _base_model_of(optimizer_version)
     classes = tuple(int(c) for c in args.classes.split(",")) if args.classes else None
@@ -282,7 +315,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"{'step':>6} " + " ".join(f"{n + ' test loss':>24} {'acc':>6}" for n in names))
     for i, step in enumerate(curves[0].steps):
         print(f"{step:>6} " + " ".join(f"{c.test_loss[i]:>24.4f} {c.test_accuracy[i]:>6.3f}" for c in curves))
-    print(f"MLflow run {run_id} (experiment lopt-finetune) at {tracking_uri}")
+    print(f"MLflow run {run_id} (experiment lopt-finetune) at {registry.redact(tracking_uri)}")
     return 0
 
 
@@ -291,6 +324,16 @@ def _cluster_request(args: argparse.Namespace):
     from lopt.config import get_config, with_suite
     from pipeline import cluster
 
+    from lopt.redaction import redact, split_credentials
+
+    if args.tracking_uri and redact(args.tracking_uri) != args.tracking_uri:
+        raise ValueError(
+            f"--tracking-uri {redact(args.tracking_uri)} carries a password, which the cluster "
+            f"would store and show with the run's parameters. Pass it without "
+            f"(--tracking-uri {split_credentials(args.tracking_uri)[0]}) and put the credentials "
+            f"in the 'mlflow-credentials' Secret (MLFLOW_TRACKING_USERNAME, "
+            f"MLFLOW_TRACKING_PASSWORD; manifests/README.md), which the steps read."
+        )
     overrides = with_suite(args.overrides, args.suite)
     get_config(args.budget, overrides)
     variants = _variants(args, args.budget, overrides)
@@ -462,21 +505,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redact(text: str) -> str:
+    """:func:`lopt.redaction.redact`, imported when an error is printed (importing ``lopt``
+    starts JAX, which ``lopt --help`` should not wait for)."""
+    from lopt.redaction import redact
+
+    return redact(text)
+
+
+def _tracking_failure(err: Exception) -> str | None:
+    """One line for a failure of the MLflow tracking store, or None for any other error."""
+    registry = sys.modules.get("lopt.registry")  # not imported: MLflow cannot have failed
+    return registry.failure_message(err) if registry is not None else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad arguments: argparse's message, exit 2
     try:
         return args.func(args)
     except (ValueError, LookupError) as err:
         # Bad input (unknown dataset, budget, model URI...): the message says what to do.
-        print(f"lopt: error: {err}", file=sys.stderr)
+        print(f"lopt: error: {_redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ConnectionError as err:
         # The KFP API (pipeline.cluster.ClusterError): unreachable, or it refused the request.
         print(f"lopt: error: {err}", file=sys.stderr)
         return EXIT_CLUSTER
     except Exception as err:  # noqa: BLE001 - a crash must not exit 1 (retrain-check's "due")
+        # The MLflow tracking server down, unreachable or refusing (after bounded retries):
+        # one line naming it, password redacted, instead of MLflow's traceback.
+        message = _tracking_failure(err)
+        if message is not None:
+            print(f"lopt: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         traceback.print_exc()
-        print(f"lopt: error: unexpected {type(err).__name__} (traceback above): {err}", file=sys.stderr)
+        print(f"lopt: error: unexpected {type(err).__name__} (traceback above): {_redact(str(err))}", file=sys.stderr)
         return EXIT_UNEXPECTED
 
 

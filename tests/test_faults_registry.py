@@ -31,7 +31,7 @@ from lopt.hub import fetch_files, register_base_model, register_optimizer
 from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
 from lopt.models import ModelSpec, init_params
 from pipeline import cli
-from test_mlflow_server import mlflow_server  # noqa: F401  (the real-server fixture, reused)
+
 
 SPEC = ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
 

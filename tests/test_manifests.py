@@ -887,7 +887,7 @@ def test_mlflow_server_with_basic_auth_on_postgres(tmp_path: Path, monkeypatch) 
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
-    import test_mlflow_server as server_test
+    import conftest as server_test  # the PostgreSQL and server helpers the mlflow_server fixture uses
 
     init, server = mlflow_containers()
     script, script_in_pod = setup_script_path()
