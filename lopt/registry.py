@@ -776,12 +776,13 @@ def download(
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="lopt-model-"))
     target.mkdir(parents=True, exist_ok=True)
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=location,
-            dst_path=os.fspath(target),
-            tracking_uri=resolved_uri,
-            registry_uri=resolved_uri,
-        )
+        with _translated(resolved_uri):  # a server lost mid-download: one line, no password
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=location,
+                dst_path=os.fspath(target),
+                tracking_uri=resolved_uri,
+                registry_uri=resolved_uri,
+            )
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
