@@ -83,6 +83,7 @@ from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException, RestException  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 
+from lopt import paths  # noqa: E402
 from lopt.redaction import redact, split_credentials  # noqa: E402
 
 __all__ = [
@@ -96,7 +97,6 @@ __all__ = [
     "RunLogger",
     "TrackingServerError",
     "alias_exists",
-    "default_artifact_root",
     "delete_alias",
     "download",
     "end_run",
@@ -105,7 +105,6 @@ __all__ = [
     "failure_message",
     "find_runs",
     "get_version",
-    "lopt_home",
     "log_artifacts",
     "log_metrics",
     "log_params",
@@ -212,18 +211,6 @@ class ModelVersionInfo:
 # Tracking URI and store locations
 
 
-def lopt_home() -> Path:
-    """``$LOPT_HOME`` or ``.lopt`` in the working directory, absolute and created."""
-    home = Path(os.environ.get("LOPT_HOME") or ".lopt").expanduser().absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def default_artifact_root() -> Path:
-    """Where artifacts go when no tracking server decides it: ``<LOPT_HOME>/mlartifacts``."""
-    return lopt_home() / "mlartifacts"
-
-
 def resolve_tracking_uri(tracking_uri: str | None = None, *, create_home: bool = True) -> str:
     """The argument if non-empty, else ``$MLFLOW_TRACKING_URI``, else ``<LOPT_HOME>/mlflow.db``.
 
@@ -234,8 +221,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None, *, create_home: bool =
         return tracking_uri
     if from_env := os.environ.get("MLFLOW_TRACKING_URI"):
         return from_env
-    home = lopt_home() if create_home else Path(os.environ.get("LOPT_HOME") or ".lopt").expanduser().absolute()
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return f"sqlite:///{paths.tracking_database(create_home=create_home)}"
 
 
 def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
@@ -388,7 +374,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
         return experiment.experiment_id
     artifact_location = None
     if _client_writes_artifacts(uri):
-        directory = default_artifact_root() / re.sub(r"[^\w.\-]+", "_", name)
+        directory = paths.artifact_root() / re.sub(r"[^\w.\-]+", "_", name)
         directory.mkdir(parents=True, exist_ok=True)
         artifact_location = directory.as_uri()
     try:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt import registry
+from lopt import paths, registry
 from lopt.checkpointing import checkpoint_key
 from lopt.config import RunConfig, get_config, variant_label, with_variant
 from lopt.data import DatasetUnavailableError, load_dataset
@@ -273,7 +273,7 @@ def meta_train_optimizer(
     # Same base model, config, code and data: a rerun after a kill resumes where the last run
     # stopped; after an upgrade of lopt or with changed data, it starts over.
     checkpoints = checkpoint_dir or str(
-        registry.lopt_home() / "checkpoints"
+        paths.checkpoints_dir()
         / _slug(f"{base_model_uri}-{checkpoint_key(config.hash(), family.content_hash)}")
     )
     result = meta_train(
@@ -539,7 +539,7 @@ def _plots(
     ``$LOPT_HOME/reports/<MLflow run id>/``; returns the page's path."""
     from lopt import plots  # matplotlib: only this step needs it
 
-    out = registry.lopt_home() / "reports" / run_id
+    out = paths.reports_dir() / run_id
     figures = {"Learning curves on the held-out tasks (mean test loss over seeds)": plots.learning_curves(report, out / "learning_curves.png")}
     if task is not None:
         controls = trace_controls(

@@ -36,14 +36,6 @@ EXIT_CODES = {
 }
 
 
-def _home(path: str | None) -> Path:
-    home = Path(path or os.environ.get("LOPT_HOME") or ".lopt").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    # The steps run in subprocesses that inherit the environment: they must agree on the home.
-    os.environ["LOPT_HOME"] = str(home)
-    return home
-
-
 def _tracking_uri(args: argparse.Namespace) -> str:
     """The tracking URI a command uses, with its password moved out, and the store checked.
 
@@ -93,19 +85,20 @@ def _variants(args: argparse.Namespace, budget: str, overrides: str) -> list[str
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    home = _home(args.home)
+    from lopt import paths
+
+    home = paths.pin_home(args.home, create=True)
     tracking_uri = _tracking_uri(args)
     from lopt.host import use_all_cores, use_compilation_cache
 
     use_all_cores()
     # The steps are separate processes that compile many of the same programs, as does every
     # later run.
-    use_compilation_cache(home / "jax_cache")
+    use_compilation_cache(paths.jax_cache_dir())
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from kfp import local
 
     from lopt import registry
-    from lopt.data import default_data_dir
     from lopt.steps import check_inputs
     from pipeline.pipeline import l3rs_pipeline
 
@@ -113,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = with_suite(args.overrides, args.suite)
     # Bad budget, override or dataset name: a clear error now, not a failed step later.
-    check_inputs(args.budget, overrides, str(default_data_dir()))
+    check_inputs(args.budget, overrides, str(paths.data_dir()))
     variants = _variants(args, args.budget, overrides)
     parameter_uri = tracking_uri
     if registry.redact(tracking_uri) != tracking_uri:
@@ -123,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         parameter_uri = ""
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(home / "pipeline_runs"),
+        pipeline_root=str(paths.pipeline_root()),
     )
     start = time.perf_counter()
     started_ms = int(time.time() * 1000)
@@ -133,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             budget=args.budget,
             overrides=overrides,
             tracking_uri=parameter_uri,
-            data_dir=str(default_data_dir()),
+            data_dir=str(paths.data_dir()),
             if_stale=args.if_stale,
             variants=variants,
         )
@@ -222,15 +215,16 @@ def _browse(tracking_uri: str) -> str:
 
 
 def cmd_retrain_check(args: argparse.Namespace) -> int:
-    _home(args.home)
+    from lopt import paths
+
+    paths.pin_home(args.home, create=True)
     tracking_uri = _tracking_uri(args)
     from lopt.config import with_suite
-    from lopt.data import default_data_dir
     from lopt.steps import retrain_decision
 
     decision = retrain_decision(
         args.base_model, args.budget, with_suite(args.overrides, args.suite),
-        tracking_uri, str(default_data_dir()),
+        tracking_uri, str(paths.data_dir()),
     )
     print(("retrain: " if decision["retrain"] else "up to date: ") + decision["reason"])
     if args.json:
@@ -242,8 +236,9 @@ def cmd_retrain_check(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Read-only: creates no store or home (a missing one is an error saying where it looked),
     and writes only into ``--out``, once the version's files passed their checks."""
-    home = Path(args.home or os.environ.get("LOPT_HOME") or ".lopt").resolve()
-    os.environ["LOPT_HOME"] = str(home)
+    from lopt import paths
+
+    home = paths.pin_home(args.home, create=False)
     from lopt import registry
     from lopt.hub import fetch_files
 
@@ -271,11 +266,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    _home(args.home)
+    from lopt import paths
+
+    paths.pin_home(args.home, create=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from lopt import registry
     from lopt.baselines import get_baseline
-    from lopt.data import default_data_dir
     from lopt.finetune import finetune, tuned_adam
     from lopt.hub import fetch_optimizer, load_pretrained
     from lopt.l3rs import eval_params
@@ -286,7 +282,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     base_uri = args.base_model or _base_model_of(optimizer_version)
     classes = tuple(int(c) for c in args.classes.split(",")) if args.classes else None
     _, _, info = load_pretrained(base_uri, tracking_uri=tracking_uri)
-    task = load_task(TaskSpec(args.dataset, classes), info["input_shape"], default_data_dir())
+    task = load_task(TaskSpec(args.dataset, classes), info["input_shape"], paths.data_dir())
     model_fn, params, info = load_pretrained(
         base_uri, num_classes=task.num_classes, rng=args.seed, tracking_uri=tracking_uri
     )

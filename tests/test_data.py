@@ -488,20 +488,7 @@ def test_content_hash() -> None:
     assert toy.content_hash() == same.content_hash() != changed.content_hash()
 
 
-# --- paths and import -----------------------------------------------------------------------
-
-
-def test_default_paths(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LOPT_HOME", raising=False)
-    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert data.lopt_home() == tmp_path / ".lopt"
-    assert data.default_data_dir() == tmp_path / ".lopt" / "tensorflow_datasets"
-
-    monkeypatch.setenv("LOPT_HOME", "home")
-    assert data.default_data_dir() == tmp_path / "home" / "tensorflow_datasets"
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    assert data.default_data_dir() == tmp_path / "tfds"
+# --- import ---------------------------------------------------------------------------------
 
 
 def test_import_registers_builders_without_heavy_imports() -> None:

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from lopt import registry
+from lopt import paths, registry
 
 
 class Store(NamedTuple):
@@ -69,7 +69,7 @@ def same_files(a: Path, b: Path) -> bool:
 
 def test_tracking_uri_resolution(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     assert registry.resolve_tracking_uri() == f"sqlite:///{store.home}/mlflow.db"
-    assert registry.default_artifact_root() == store.home / "mlartifacts"
+    assert paths.artifact_root() == store.home / "mlartifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert registry.resolve_tracking_uri() == "http://example:5000"
     assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"

