@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from typing import Annotated, Any, Mapping
 
 from lopt.baselines import BASELINES
 from lopt.l3rs import L3RSConfig
 from lopt.models import STARTS, ModelSpec
+from lopt.paths import safe_name
 from lopt.schema import COUNT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, SEED, ConfigError, from_json
 from lopt.tasks import TaskFamilySpec, TaskSpec
 
@@ -380,7 +380,7 @@ def variant_label(variant: Mapping[str, Any] | str | None) -> str:
         return [f"{prefix[:-1]}:{text}"]
 
     label = " ".join(flat(parse_overrides(variant).get("meta_train", {}), ""))
-    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", label)
+    return safe_name(label, "-. :/", ascii_only=True)
 
 
 def seed_variants(count: int, first_seed: int = 0) -> list[str]:

@@ -1,4 +1,4 @@
-"""Where lopt keeps its files.
+"""Where lopt keeps its files, and the one rule that turns a name into a file name or a key.
 
 Everything lopt writes on its own goes under one home, ``$LOPT_HOME`` (default ``.lopt`` in
 the working directory), read here and nowhere else::
@@ -18,6 +18,7 @@ nothing; the directories something is about to write into create the home with t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_HOME = ".lopt"
@@ -83,3 +84,15 @@ def jax_cache_dir() -> Path:
 def pipeline_root() -> Path:
     """kfp.local's pipeline root: each step's outputs."""
     return home(create=True) / "pipeline_runs"
+
+
+def safe_name(text: str, keep: str = "-.", *, ascii_only: bool = False, collapse: bool = False) -> str:
+    """``text`` with every character that is not a letter, a digit, ``_`` or in ``keep``
+    replaced by ``_``: a name that file systems, URI paths and MLflow keys accept.
+
+    Letters and digits are Unicode ones (``str.isalnum``) unless ``ascii_only``; ``collapse``
+    replaces each run of such characters by a single ``_``. The callers' choices are part of
+    names already on disk and in stores (checkpoint directories, metric keys), so they stay.
+    """
+    pattern = f"[^\\w{re.escape(keep)}]" + ("+" if collapse else "")
+    return re.sub(pattern, "_", text, flags=re.ASCII if ascii_only else 0)

@@ -374,7 +374,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
         return experiment.experiment_id
     artifact_location = None
     if _client_writes_artifacts(uri):
-        directory = paths.artifact_root() / re.sub(r"[^\w.\-]+", "_", name)
+        directory = paths.artifact_root() / paths.safe_name(name, collapse=True)
         directory.mkdir(parents=True, exist_ok=True)
         artifact_location = directory.as_uri()
     try:
@@ -1140,7 +1140,7 @@ def exclusive(
         if database is None:  # in memory: one process, nothing to serialize with
             yield
             return
-        with _file_lock(database.with_name(f"{database.name}.{_safe_name(name)}.lock")):
+        with _file_lock(database.with_name(f"{database.name}.{paths.safe_name(name, ascii_only=True)}.lock")):
             yield
         return
     lock = _RegistryLock(name, uri, lease_s)
@@ -1162,10 +1162,6 @@ def _sqlite_database(uri: str) -> Path | None:
     if not path or path == ":memory:":
         return None
     return Path(urllib.parse.unquote(path)).absolute()
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 @contextmanager
@@ -1211,7 +1207,7 @@ class _RegistryLock:
         mv = client.create_model_version(
             self.model,
             # Not a location of files; an absolute path, as an MLflow server requires of a source.
-            source=f"lopt-lock:/{_safe_name(socket.gethostname())}/{os.getpid()}",
+            source=f"lopt-lock:/{paths.safe_name(socket.gethostname(), ascii_only=True)}/{os.getpid()}",
             tags={_LOCK_OWNER_TAG: owner, _LOCK_HEARTBEAT_TAG: "0"},
             description=f"lock ticket of {owner}, taken {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             await_creation_for=0,

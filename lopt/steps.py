@@ -103,10 +103,6 @@ def _data_dir(data_dir: str) -> str | None:
     return data_dir or None
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
-
-
 def _config(budget: str, overrides: str) -> RunConfig:
     return get_config(budget, overrides)
 
@@ -274,7 +270,7 @@ def meta_train_optimizer(
     # stopped; after an upgrade of lopt or with changed data, it starts over.
     checkpoints = checkpoint_dir or str(
         paths.checkpoints_dir()
-        / _slug(f"{base_model_uri}-{checkpoint_key(config.hash(), family.content_hash)}")
+        / paths.safe_name(f"{base_model_uri}-{checkpoint_key(config.hash(), family.content_hash)}")
     )
     result = meta_train(
         estimator,

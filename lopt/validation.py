@@ -44,6 +44,7 @@ from lopt.config import GateConfig, ValidationConfig
 from lopt.evaluation import RunResult, evaluate_l3rs, steps_to_target, tune
 from lopt.l3rs import L3RS, MetaParams
 from lopt.models import ModelSpec, Params
+from lopt.paths import safe_name
 from lopt.tasks import Task, TaskSpec, load_task
 
 PRIMARY = "base"  # the checkpoint name of the registered base model in reports
@@ -200,7 +201,7 @@ class ValidationReport:
         """Flat metrics for MLflow, e.g. ``val/sklearn_digits/base/T400/l3rs_test_loss``."""
         out: dict[str, float] = {"val/gate_passed": float(self.gate.passed)}
         for check in self.gate.checks:
-            name = f"val/gate/{_metric_name(check.name)}"
+            name = f"val/gate/{safe_name(check.name).strip('_')}"
             if check.value is not None and math.isfinite(check.value):
                 out[name] = check.value
             if check.interval is not None:
@@ -208,7 +209,7 @@ class ValidationReport:
                 out[f"{name}/ci_high"] = check.interval.high
                 out[f"{name}/within_noise"] = float(bool(check.within_noise))
         for r, interval in zip(self.rows, self.ratio_intervals):
-            prefix = f"val/{_metric_name(r.task)}/{r.checkpoint}/T{r.horizon}"
+            prefix = f"val/{safe_name(r.task).strip('_')}/{r.checkpoint}/T{r.horizon}"
             best = r.best_baseline
             out[f"{prefix}/l3rs_test_loss"] = r.learned.test_loss
             out[f"{prefix}/l3rs_test_accuracy"] = r.learned.test_accuracy
@@ -286,10 +287,6 @@ def _times(value: float | None) -> str:
     if value is None:
         return "not reached"
     return "at start" if math.isinf(value) else f"{value:.2f}x"
-
-
-def _metric_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in text).strip("_")
 
 
 def _mean_log_loss(results: Sequence[RunResult]) -> float:

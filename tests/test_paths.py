@@ -1,4 +1,4 @@
-"""The home and the directories under it."""
+"""The home and the directories under it, and the one name sanitizer."""
 
 from __future__ import annotations
 
@@ -50,3 +50,21 @@ def test_pin_home_resolves_exports_and_creates_only_when_asked(workdir: pathlib.
     assert paths.home() == workdir / "real" / "h"  # what the steps, inheriting it, see
     assert paths.pin_home(None, create=True) == workdir / "real" / "h"  # $LOPT_HOME when no --home
     assert (workdir / "real" / "h").is_dir()
+
+
+@pytest.mark.parametrize(
+    "text, kwargs, expected",
+    [
+        # Checkpoint directories: letters of any script stay, one "_" per other character.
+        ("models:/cnn-mnist@champion-0123abcd", {}, "models__cnn-mnist_champion-0123abcd"),
+        ("modèle  v1", {}, "modèle__v1"),
+        # Experiments' artifact directories: a run of other characters is one "_".
+        ("my  exp/é:1", {"collapse": True}, "my_exp_é_1"),
+        # Lock files and host names: ASCII only.
+        ("modèle.v1", {"ascii_only": True}, "mod_le.v1"),
+        # Variant labels, MLflow metric keys: spaces, ":" and "/" stay.
+        ("seed:1 lr:0.1/x?", {"keep": "-. :/", "ascii_only": True}, "seed:1 lr:0.1/x_"),
+    ],
+)
+def test_safe_name(text: str, kwargs: dict, expected: str) -> None:
+    assert paths.safe_name(text, **kwargs) == expected
