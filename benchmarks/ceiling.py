@@ -71,7 +71,7 @@ from lopt.config import get_config  # noqa: E402
 from lopt.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
 from lopt.models import ModelSpec, Params, with_fresh_head  # noqa: E402
-from lopt.serialization import load_model, load_optimizer, save_model  # noqa: E402
+from lopt.serialization import read_model, read_optimizer, write_model  # noqa: E402
 from lopt.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402
 from lopt.training import Split  # noqa: E402
 from lopt.meta_training import FinalValidationLoss  # noqa: E402
@@ -180,7 +180,7 @@ def export(args: argparse.Namespace) -> None:
     spec = config.pretrain.model
     data_dir = args.data_dir or None
     out = Path(args.export)
-    save_model(out / "model", spec, pretrained_base(config, data_dir), {"budget": args.budget})
+    write_model(out / "model", spec, pretrained_base(config, data_dir), {"budget": args.budget})
     tasks = []
     for i, text in enumerate(args.tasks):
         task = load_task(parse_task(text), spec.input_shape, data_dir)
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, write: Any = lambda report: None) -> dict[str,
     data_dir = args.data_dir or None
     inputs = Path(args.inputs) if args.inputs else None
     if inputs:
-        spec, pretrained, _ = load_model(inputs / "model")
+        spec, pretrained, _ = read_model(inputs / "model")
         pretrained = jax.tree.map(jnp.asarray, pretrained)
         tasks = imported_tasks(inputs, args.tasks)
         if not args.optimizer and (inputs / "optimizer").is_dir():
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace, write: Any = lambda report: None) -> dict[str,
     start_theta = start_l3rs.init(jax.random.key(config.meta_train.seed))
     learned = None
     if args.optimizer:
-        l3rs, theta, header = load_optimizer(Path(args.optimizer))
+        l3rs, theta, header = read_optimizer(Path(args.optimizer))
         learned = (l3rs, jax.tree.map(jnp.asarray, theta), int(header["horizon"]))
     meta_horizon = learned[2] if learned else config.meta_train.horizon
     report = {

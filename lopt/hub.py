@@ -64,7 +64,7 @@ def load_pretrained(
     from ``rng``; the rest of the network keeps its pretrained weights. The files are checked
     as :func:`load_optimizer` checks an optimizer's (params: float32, finite, the spec's shapes).
     """
-    version, (spec, params, _) = _read_version(uri, tracking_uri, serialization.load_model)
+    version, (spec, params, _) = _read_version(uri, tracking_uri, serialization.read_model)
     pretrained_classes = spec.num_classes
     if num_classes is not None and num_classes != spec.num_classes:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
@@ -89,7 +89,7 @@ def load_optimizer(uri: str, tracking_uri: str | None = None) -> tuple[L3RS, Met
     naming the version and the file when the version's files are not the registered ones or
     not a readable optimizer (see the module docstring).
     """
-    return _read_version(uri, tracking_uri, serialization.load_optimizer)[1]
+    return _read_version(uri, tracking_uri, serialization.read_optimizer)[1]
 
 
 def fetch_files(
@@ -127,9 +127,9 @@ def fetch_files(
 def _check_readable(directory: Path) -> Path:
     """``directory`` once it reads as an optimizer or a base model (:class:`FormatError` if not)."""
     if (directory / "optimizer.json").is_file():
-        serialization.load_optimizer(directory)
+        serialization.read_optimizer(directory)
     elif (directory / "model.json").is_file():
-        serialization.load_model(directory)
+        serialization.read_model(directory)
     else:
         raise FormatError(directory / "optimizer.json", "is missing: not a lopt optimizer or model.")
     return directory
@@ -192,7 +192,7 @@ def register_base_model(
 ) -> int:
     """Registers a classifier (spec + params) as a new version of ``name``."""
     with tempfile.TemporaryDirectory() as tmp:
-        directory = serialization.save_model(Path(tmp) / "model", spec, params, {"metrics": dict(metrics)})
+        directory = serialization.write_model(Path(tmp) / "model", spec, params, {"metrics": dict(metrics)})
         return registry.register_directory(
             name,
             directory,
@@ -226,7 +226,7 @@ def register_optimizer(
     name = optimizer_name(base_model.name)
     lineage = {"base_model": base_model.name, "base_model_version": str(base_model.version)}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = serialization.save_optimizer(Path(tmp) / "optimizer", l3rs, theta, horizon, lineage)
+        directory = serialization.write_optimizer(Path(tmp) / "optimizer", l3rs, theta, horizon, lineage)
         if report is not None:
             (directory / "validation_report.json").write_text(json.dumps(report, indent=1))
         version = registry.register_directory(

@@ -159,7 +159,7 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(leaf.shape) for name, leaf in _leaves_by_name(tree).items()}
 
 
-def save_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[str, Any] = {}) -> Path:
+def write_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[str, Any] = {}) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     header = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(), **extra}
     (directory / "model.json").write_text(json.dumps(header, indent=2, sort_keys=True))
@@ -167,7 +167,7 @@ def save_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[
     return directory
 
 
-def load_model(directory: Path) -> tuple[ModelSpec, Params, dict[str, Any]]:
+def read_model(directory: Path) -> tuple[ModelSpec, Params, dict[str, Any]]:
     """Spec, params and header of a model directory. Every failure is a :class:`FormatError`
     naming the file: a missing or malformed ``spec``, params that are missing, truncated, not
     float32, not finite or not the shapes the spec's network has."""
@@ -184,7 +184,7 @@ def load_model(directory: Path) -> tuple[ModelSpec, Params, dict[str, Any]]:
     return spec, params, header
 
 
-def save_optimizer(
+def write_optimizer(
     directory: Path,
     l3rs: L3RS,
     theta: MetaParams,
@@ -206,7 +206,7 @@ def save_optimizer(
     return directory
 
 
-def load_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
+def read_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
     """Architecture, θ and header of an optimizer directory.
 
     Every failure is a :class:`FormatError` naming the file: a missing or malformed

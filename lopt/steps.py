@@ -33,17 +33,17 @@ from lopt.hub import (
     CHALLENGER,
     CHAMPION,
     fetch_files,
+    load_optimizer,
     load_pretrained,
     optimizer_name,
     promote_optimizer,
     register_base_model,
     register_optimizer,
 )
-from lopt.hub import load_optimizer as load_registered_optimizer
 from lopt.l3rs import L3RS, LayerLayout
 from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train
 from lopt.models import ModelSpec, Params, with_fresh_head
-from lopt.serialization import load_optimizer, save_optimizer
+from lopt.serialization import read_optimizer, write_optimizer
 from lopt.tasks import load_task, load_task_family
 from lopt.lineage import code_version, data_hash
 from lopt.validation import PRIMARY, Checkpoint, validate
@@ -300,7 +300,7 @@ def meta_train_optimizer(
         "variant_config_hash": config.hash(),
     }
     logger.log_metrics({f"{prefix}total_seconds": result.seconds})
-    save_optimizer(
+    write_optimizer(
         Path(output_dir),
         l3rs,
         result.theta,
@@ -344,7 +344,7 @@ def select_optimizer(
     uri = tracking_uri or None
     skipped = any(_skipped(d) for d in candidate_dirs)
     # Each candidate is read once: its variant names it, its θ is scored.
-    loaded = [] if skipped else [load_optimizer(Path(d)) for d in candidate_dirs]
+    loaded = [] if skipped else [read_optimizer(Path(d)) for d in candidate_dirs]
     labels = (
         ["skipped"] * len(candidate_dirs) if skipped
         else [variant_label(header.get("meta_training", {}).get("variant", "")) for _, _, header in loaded]
@@ -451,7 +451,7 @@ def _current_champion(
     if not registry.alias_exists(name, CHAMPION, tracking_uri):
         return None
     version = registry.resolve(f"models:/{name}@{CHAMPION}", tracking_uri)
-    l3rs, theta, _ = load_registered_optimizer(version.uri, tracking_uri)
+    l3rs, theta, _ = load_optimizer(version.uri, tracking_uri)
     info = {"name": name, "version": version.version, "uri": version.uri, "compared": True, "note": ""}
     problems = l3rs.layout.differences(layout)
     if problems:
@@ -490,7 +490,7 @@ def validate_optimizer(
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(json.dumps(data, indent=1))
         return data
-    l3rs, theta, header = load_optimizer(Path(optimizer_dir))
+    l3rs, theta, header = read_optimizer(Path(optimizer_dir))
     _, pretrained, info = load_pretrained(base_model_uri, tracking_uri=uri)
     spec = info["spec"]
     checkpoints = [Checkpoint(PRIMARY, pretrained)] + [
@@ -594,7 +594,7 @@ def register_validated_optimizer(
             "table": report["table"], "mlflow_run_id": run_id,
             "tracking_uri": registry.redact(registry.resolve_tracking_uri(uri)),
         }, uri)
-    l3rs, theta, header = load_optimizer(Path(optimizer_dir))
+    l3rs, theta, header = read_optimizer(Path(optimizer_dir))
     base = registry.resolve(base_model_uri, uri)
     gate = report["gate"]
     _, _, info = load_pretrained(base_model_uri, tracking_uri=uri)

@@ -351,10 +351,10 @@ def test_serialization_round_trip_gives_identical_updates(tmp_path, config):
     params = _params()
     l3rs = L3RS(config, LayerLayout.from_params(params))
     theta = l3rs.init(jax.random.key(5))
-    directory = serialization.save_optimizer(tmp_path / "opt", l3rs, theta, horizon=50, extra={"note": "x"})
+    directory = serialization.write_optimizer(tmp_path / "opt", l3rs, theta, horizon=50, extra={"note": "x"})
     header = json.loads((directory / "optimizer.json").read_text())
     assert header["format"] == "lopt.l3rs" and header["horizon"] == 50 and header["note"] == "x"
-    loaded, theta2, header2 = serialization.load_optimizer(directory)
+    loaded, theta2, header2 = serialization.read_optimizer(directory)
     assert loaded.config == config and loaded.layout == l3rs.layout
     grads = _grads(params, 0)
     out = []
@@ -366,12 +366,12 @@ def test_serialization_round_trip_gives_identical_updates(tmp_path, config):
 def test_loading_theta_of_another_shape_is_an_error(tmp_path):
     params = _params()
     l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
-    serialization.save_optimizer(tmp_path, l3rs, l3rs.init(jax.random.key(0)), horizon=10)
+    serialization.write_optimizer(tmp_path, l3rs, l3rs.init(jax.random.key(0)), horizon=10)
     header = json.loads((tmp_path / "optimizer.json").read_text())
     header["config"]["hidden_size"] = 7
     (tmp_path / "optimizer.json").write_text(json.dumps(header))
     with pytest.raises(ValueError, match="do not match"):
-        serialization.load_optimizer(tmp_path)
+        serialization.read_optimizer(tmp_path)
 
 
 def _sine_grads(params, seed):
@@ -530,10 +530,10 @@ def test_a_non_finite_theta_is_never_saved_and_a_recast_one_never_loaded(tmp_pat
     poisoned = jax.tree.map(lambda x: x, theta)
     poisoned["mlp"]["b1"] = poisoned["mlp"]["b1"].at[0].set(jnp.nan)
     with pytest.raises(serialization.FormatError, match="mlp/b1 holds NaN"):
-        serialization.save_optimizer(tmp_path / "nan", l3rs, poisoned, horizon=10)
+        serialization.write_optimizer(tmp_path / "nan", l3rs, poisoned, horizon=10)
     assert not (tmp_path / "nan" / "meta_params.msgpack").exists()
-    directory = serialization.save_optimizer(tmp_path / "ok", l3rs, theta, horizon=10)
+    directory = serialization.write_optimizer(tmp_path / "ok", l3rs, theta, horizon=10)
     half = jax.tree.map(lambda x: np.asarray(x, np.float16), theta)
     serialization.save_pytree(directory / "meta_params.msgpack", half)
     with pytest.raises(serialization.FormatError, match="float16, expected float32"):
-        serialization.load_optimizer(directory)
+        serialization.read_optimizer(directory)

@@ -46,7 +46,7 @@ def test_meta_training_needs_neither_mlflow_nor_tfds():
         from lopt.config import get_config
         from lopt.l3rs import L3RS, LayerLayout
         from lopt.meta_training import make_estimator
-        from lopt.serialization import load_model, save_model
+        from lopt.serialization import read_model, write_model
         from lopt.tasks import TaskFamily, TaskFamilySpec
 
         cfg = get_config("tiny", {"meta_train": {"num_pairs": 2}}).meta_train

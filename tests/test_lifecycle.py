@@ -263,7 +263,7 @@ def test_a_champion_of_the_same_architecture_reuses_the_candidates_compilation()
 
 
 def test_selection_passes_a_single_or_skipped_candidate_through_unscored(tmp_path):
-    from lopt.serialization import save_optimizer
+    from lopt.serialization import write_optimizer
     from lopt.steps import SELECTION, SKIPPED, select_optimizer
 
     params = init_params(SPEC, jax.random.key(0))
@@ -271,7 +271,7 @@ def test_selection_passes_a_single_or_skipped_candidate_through_unscored(tmp_pat
     dirs = []
     for seed in (0, 1):
         d = tmp_path / f"candidate{seed}"
-        save_optimizer(d, l3rs, l3rs.init(jax.random.key(seed)), 30, {"meta_training": {"variant": f'{{"meta_train": {{"seed": {seed}}}}}'}})
+        write_optimizer(d, l3rs, l3rs.init(jax.random.key(seed)), 30, {"meta_training": {"variant": f'{{"meta_train": {{"seed": {seed}}}}}'}})
         dirs.append(str(d))
     # One candidate: no scoring (no registry, no data needed), copied with its record.
     one = select_optimizer(dirs[1:], str(tmp_path / "one"), "models:/unused/1", "no-run")
