@@ -75,7 +75,7 @@ class RunResult:
         }
 
 
-def fine_tune(
+def measured_unroll(
     hparams: Any,
     make_optimizer: OptimizerFactory,
     spec: ModelSpec,
@@ -87,9 +87,11 @@ def fine_tune(
     eval_params: EvalParamsFn | None = None,
     eval_points: int = 10,
 ) -> Trajectory:
-    """One run on ``task``, measuring its val and test splits (rows ``VAL``, ``TEST``) at
-    about ``eval_points`` evenly spaced steps (see :func:`lopt.training.default_eval_every`),
-    every example's loss included (the gate's intervals resample test examples)."""
+    """One run on ``task`` as a single jitted :func:`lopt.training.unroll`, measuring its val
+    and test splits (rows ``VAL``, ``TEST``) at about ``eval_points`` evenly spaced steps (see
+    :func:`lopt.training.default_eval_every`), every example's loss included (the gate's
+    intervals resample test examples). Validation and pretraining run this; the downstream
+    job's step-by-step optax loop is :func:`lopt.finetune.finetune_loop`."""
     return unroll(
         hparams,
         params,
@@ -130,7 +132,7 @@ def run_seeds(
     for seed in seeds:
         params, data_key = seeded_start(spec, pretrained, task, seed)
         trajectories.append(
-            fine_tune(
+            measured_unroll(
                 hparams, make_optimizer, spec, params, task, horizon, batch_size, data_key,
                 eval_params, eval_points,
             )
@@ -170,7 +172,7 @@ def example_loss_curves(trajectories: Sequence[Trajectory]) -> np.ndarray | None
     ``inf``), or None unless every trajectory carries them.
 
     They come from ``Trajectory.eval_example_loss`` (one ``[E + 1, N]`` array per eval split,
-    :func:`fine_tune` asks for them); without them the bootstrap of the gate's figures
+    :func:`measured_unroll` asks for them); without them the bootstrap of the gate's figures
     resamples seeds only.
     """
     per_split = [t.eval_example_loss for t in trajectories]
@@ -423,7 +425,7 @@ def pretrain(
             f"has {spec.num_classes}."
         )
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    trajectory = fine_tune(
+    trajectory = measured_unroll(
         jnp.float32(learning_rate), adam, spec, init_params(spec, init_key), task, steps,
         batch_size, data_key,
     )

@@ -18,7 +18,7 @@ its iterates (schedule-free style), the parameters it takes gradients at lie bet
 iterate and its average, so a measurement in the middle of the run evaluates
 :func:`lopt.eval_params` (as with ``optax.contrib.schedule_free_eval_params``).
 
-:func:`finetune` adds evaluation every few steps (validation and test loss and accuracy) and
+:func:`finetune_loop` adds evaluation every few steps (validation and test loss and accuracy) and
 returns the curves; ``lopt finetune`` logs them to MLflow and, with ``--compare adam``, runs
 Adam with its learning rate tuned on the validation split over the same grid the validation
 suite uses, on the same head and minibatches.
@@ -54,7 +54,7 @@ class Curve:
         return dataclasses.asdict(self)
 
 
-def finetune(
+def finetune_loop(
     model_fn: ModelFn,
     params: Params,
     optimizer: optax.GradientTransformationExtraArgs,
@@ -67,8 +67,10 @@ def finetune(
     name: str = "optimizer",
     eval_params: EvalParamsFn | None = None,
 ) -> tuple[Params, Curve]:
-    """Fine-tunes ``params`` on ``task`` for ``num_steps`` minibatch steps of ``optimizer``;
-    measurements evaluate ``eval_params(state, params)`` when given (e.g. :func:`lopt.eval_params`)."""
+    """Fine-tunes ``params`` on ``task`` for ``num_steps`` minibatch steps of ``optimizer``, one
+    jitted step at a time as a downstream job does (validation measures with the single jitted
+    unroll of :func:`lopt.evaluation.measured_unroll` instead); measurements evaluate
+    ``eval_params(state, params)`` when given (e.g. :func:`lopt.eval_params`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
     eval_every = eval_every or max(1, num_steps // 10)
@@ -119,7 +121,7 @@ def tuned_adam(
     """Adam at each learning rate; the run with the lowest final validation loss."""
     curves = []
     for lr in learning_rates:
-        _, curve = finetune(
+        _, curve = finetune_loop(
             model_fn, params, optax.with_extra_args_support(optax.adam(lr)), task, num_steps, batch_size=batch_size, seed=seed,
             name="adam",
         )

@@ -272,7 +272,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from lopt import registry
     from lopt.baselines import get_baseline
-    from lopt.finetune import finetune, tuned_adam
+    from lopt.finetune import finetune_loop, tuned_adam
     from lopt.hub import fetch_optimizer, load_pretrained
     from lopt.l3rs import eval_params
     from lopt.tasks import TaskSpec, load_task
@@ -288,8 +288,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     optimizer = fetch_optimizer(optimizer_version.uri, num_steps=args.steps, tracking_uri=tracking_uri)
     curves = [
-        finetune(model_fn, params, optimizer, task, args.steps, batch_size=args.batch_size,
-                 seed=args.seed, name="l3rs", eval_params=eval_params)[1]
+        finetune_loop(model_fn, params, optimizer, task, args.steps, batch_size=args.batch_size,
+                      seed=args.seed, name="l3rs", eval_params=eval_params)[1]
     ]
     if args.compare == "adam":
         grid = get_baseline("adam").grid(args.grid_size)

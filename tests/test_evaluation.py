@@ -216,11 +216,11 @@ def test_grids_keep_each_baselines_range_at_the_same_density():
         assert small[0] == baseline.learning_rates[0] and small[-1] == baseline.learning_rates[-1]
 
 
-def test_fine_tune_keeps_every_examples_loss_and_its_mean_is_the_reported_loss():
+def test_measured_unroll_keeps_every_examples_loss_and_its_mean_is_the_reported_loss():
     import jax
 
     from lopt.baselines import adam
-    from lopt.evaluation import fine_tune
+    from lopt.evaluation import measured_unroll
     from lopt.models import ModelSpec, init_params
     from lopt.tasks import Task
     from lopt.training import Split
@@ -230,7 +230,7 @@ def test_fine_tune_keeps_every_examples_loss_and_its_mean_is_the_reported_loss()
     labels = jnp.arange(40) % 3
     split = lambda lo, hi: Split(images[lo:hi], labels[lo:hi])  # noqa: E731
     task = Task(TaskSpec("toy"), 3, split(0, 20), split(20, 27), split(27, 40), "hash")
-    trajectory = fine_tune(
+    trajectory = measured_unroll(
         jnp.float32(1e-2), adam, spec, init_params(spec, jax.random.key(1)), task, 10, 8,
         jax.random.key(2), eval_points=5,
     )
