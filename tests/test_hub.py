@@ -92,7 +92,8 @@ def test_registered_versions_carry_aliases_tags_and_only_plain_files(store):
 
 
 def test_fetch_default_horizon_is_the_meta_training_horizon(store):
-    _, _, header = lopt.load_optimizer("models:/l3rs-tiny-cnn@champion", tracking_uri=store["uri"])
+    uri = "models:/l3rs-tiny-cnn@champion"
+    _, _, header = lopt.load_optimizer(uri, tracking_uri=store["uri"])
     assert header["horizon"] == 30 and header["base_model"] == "tiny-cnn"
     _, params, _ = lopt.load_pretrained("models:/tiny-cnn/1", num_classes=3, tracking_uri=store["uri"])
     grads = jax.tree.map(jnp.ones_like, params)
@@ -100,10 +101,17 @@ def test_fetch_default_horizon_is_the_meta_training_horizon(store):
     def first_update(opt):
         return opt.update(grads, opt.init(params), params, value=1.0)[0]
 
-    default = first_update(lopt.fetch_optimizer("models:/l3rs-tiny-cnn@champion", tracking_uri=store["uri"]))
-    jax.tree.map(np.testing.assert_array_equal, default, first_update(store["l3rs"].opt_fn(store["theta"], 30)))
-    longer = first_update(store["l3rs"].opt_fn(store["theta"], 120))
-    assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(longer)))
+    def same(a, b) -> bool:
+        return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    # The horizon shapes even the first step (time features, step-size prior), so the first
+    # update tells horizons apart: the default's is T = 30's and not its neighbours'.
+    by_horizon = {t: first_update(store["l3rs"].opt_fn(store["theta"], t)) for t in (29, 30, 31, 120)}
+    default = first_update(lopt.fetch_optimizer(uri, tracking_uri=store["uri"]))
+    assert [t for t, update in by_horizon.items() if same(default, update)] == [30]
+    # Another num_steps gives another horizon's optimizer.
+    longer = first_update(lopt.fetch_optimizer(uri, num_steps=120, tracking_uri=store["uri"]))
+    assert [t for t, update in by_horizon.items() if same(longer, update)] == [120]
 
 
 @pytest.mark.parametrize("num_steps", [0, 2.7, True, "400", -1])
