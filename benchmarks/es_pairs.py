@@ -68,7 +68,9 @@ BASE_MODEL = "cnn-mnist"
 
 def export(args: argparse.Namespace) -> None:
     """Writes the benchmark home's base model and the budget's meta-training family."""
-    os.environ["LOPT_HOME"] = str(args.home.absolute())
+    from lopt import paths
+
+    paths.pin_home(args.home, create=False)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from lopt import registry, steps
     from lopt.hub import load_pretrained

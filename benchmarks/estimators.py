@@ -58,7 +58,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import registry, steps  # noqa: E402
+from lopt import paths, registry, steps  # noqa: E402
 from lopt.config import get_config  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--home", type=Path, default=RESULTS / "home")
     p.add_argument("--output", type=Path, default=RESULTS / "estimators.json")
     args = p.parse_args(argv)
-    os.environ["LOPT_HOME"] = str(args.home.absolute())
+    paths.pin_home(args.home, create=False)
     jax.config.update("jax_compilation_cache_dir", str(RESULTS / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -84,7 +84,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import registry, steps  # noqa: E402
+from lopt import paths, registry, steps  # noqa: E402
 from lopt.baselines import BASELINES, Baseline  # noqa: E402
 from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
 from lopt.evaluation import (  # noqa: E402
@@ -813,7 +813,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    os.environ["LOPT_HOME"] = str(args.home)
+    paths.pin_home(args.home, create=False)
     # Compilation dominates small runs; a rerun loads the compiled unrolls from disk.
     jax.config.update("jax_compilation_cache_dir", str(args.results / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
