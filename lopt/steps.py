@@ -41,7 +41,8 @@ from lopt.hub import (
     register_optimizer,
 )
 from lopt.l3rs import L3RS, LayerLayout
-from lopt.meta_training import FinalValidationLoss, make_estimator, meta_train
+from lopt.estimator import FinalValidationLoss
+from lopt.meta_training import make_estimator, meta_train
 from lopt.models import ModelSpec, Params, with_fresh_head
 from lopt.serialization import read_optimizer, write_optimizer
 from lopt.tasks import load_task, load_task_family

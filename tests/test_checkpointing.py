@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from lopt.checkpointing import MetaTrainCheckpoints
-from lopt.meta_training import AntitheticES, meta_train
+from lopt.es import AntitheticES
+from lopt.meta_training import meta_train
 
 NUM_STEPS = 25
 CHECKPOINT_EVERY = 5

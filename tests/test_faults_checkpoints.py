@@ -37,7 +37,7 @@ from lopt.checkpointing import (
     MetaTrainState,
     checkpoint_key,
 )
-from lopt.meta_training import Estimate
+from lopt.estimator import Estimate
 from test_checkpointing import ESTIMATOR, NUM_STEPS, _assert_same_theta, _initial_theta, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

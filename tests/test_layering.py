@@ -1,26 +1,46 @@
 """The dependency rules of docs/design.md §2, checked: the core never imports kfp, only its registry
-module imports MLflow, and meta-training runs from arrays where neither MLflow nor TFDS is
-installed (an accelerator machine, ``benchmarks/es_pairs.py``)."""
+module imports MLflow, its modules import each other one way (no cycle), and meta-training runs
+from arrays where neither MLflow nor TFDS is installed (an accelerator machine,
+``benchmarks/es_pairs.py``)."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 LOPT = Path(__file__).resolve().parents[1] / "lopt"
 
 
-def _imported_packages(path: Path) -> set[str]:
-    packages = set()
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(LOPT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions: ``import a.b`` gives
+    ``a.b``; ``from a.b import c`` gives ``a.b`` and ``a.b.c`` (``c`` may be a module), relative
+    imports resolved."""
+    name = _module_name(path).split(".")
+    package = name if path.name == "__init__.py" else name[:-1]
+    modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            packages |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            packages.add(node.module.split(".")[0])
-    return packages
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            modules |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return modules
+
+
+def _imported_packages(path: Path) -> set[str]:
+    return {module.split(".")[0] for module in _imported_modules(path)}
 
 
 def test_core_never_imports_kfp_and_only_the_registry_imports_mlflow():
@@ -28,6 +48,30 @@ def test_core_never_imports_kfp_and_only_the_registry_imports_mlflow():
     assert len(imports) > 10
     assert [name for name, packages in imports.items() if "kfp" in packages] == []
     assert [name for name, packages in imports.items() if "mlflow" in packages] == ["registry.py"]
+
+
+def test_lopt_has_no_import_cycle():
+    """Dependencies point one way, function-level imports included: an import deferred into a
+    function hides a cycle from the interpreter, not from the reader. (A module's own packages
+    are left out: Python imports them first whatever the module says.)"""
+    modules = {_module_name(p): p for p in LOPT.rglob("*.py")}
+    graph = {
+        name: {m for m in _imported_modules(path) if m in modules and not f"{name}.".startswith(f"{m}.")}
+        for name, path in modules.items()
+    }
+    assert sum(map(len, graph.values())) > len(graph) > 10  # the imports were found
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as error:
+        pytest.fail(f"lopt imports in a circle: {' -> '.join(error.args[1])}")
+
+
+def test_every_configurable_estimator_is_built_by_one_factory():
+    # The config (plain data, below the estimators) names them; meta-training maps the names.
+    from lopt.config import ESTIMATORS
+    from lopt.meta_training import ESTIMATOR_FACTORIES
+
+    assert sorted(ESTIMATOR_FACTORIES) == sorted(ESTIMATORS)
 
 
 def test_meta_training_needs_neither_mlflow_nor_tfds():

@@ -13,18 +13,10 @@ import pytest
 
 from lopt import models
 from lopt.config import get_config
+from lopt.es import AntitheticES, _combine_ranked
+from lopt.estimator import MIN_LOG_LOSS, Estimate, FinalValidationLoss, clipped_log
 from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, eval_params
-from lopt.meta_training import (
-    MIN_LOG_LOSS,
-    AntitheticES,
-    Estimate,
-    FinalValidationLoss,
-    RandomHorizon,
-    _combine_ranked,
-    clipped_log,
-    log_uniform_weights,
-    make_estimator,
-)
+from lopt.meta_training import RandomHorizon, log_uniform_weights, make_estimator
 from lopt.task_augmentation import (
     TaskAugmentation,
     log_uniform,

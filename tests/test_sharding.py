@@ -16,7 +16,9 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from lopt import models
     from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
-    from lopt.meta_training import AntitheticES, FinalValidationLoss, meta_train, sample_devices
+    from lopt.es import AntitheticES
+    from lopt.estimator import FinalValidationLoss, sample_devices
+    from lopt.meta_training import meta_train
     from lopt.tasks import TaskFamily, TaskFamilySpec
 
     spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from lopt import models
-from lopt.meta_training import AntitheticES, meta_train
 from lopt.baselines import adam
+from lopt.es import AntitheticES
+from lopt.meta_training import meta_train
 from lopt.training import Split, default_eval_every, unroll
 
 SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4, 8), hidden_size=16)
@@ -128,7 +129,7 @@ def test_vectorized_es_gives_the_per_pair_estimate(per_program):
 # JAX's backend.
 @pytest.mark.skipif("jax.default_backend() != 'cpu'", reason="the CPU default; accelerators vmap")
 def test_samples_per_program_is_one_on_cpu_unless_asked():
-    from lopt.meta_training import samples_per_program
+    from lopt.estimator import samples_per_program
 
     assert samples_per_program(None, 64) == 1
     assert samples_per_program(16, 64) == 16
