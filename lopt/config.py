@@ -55,9 +55,9 @@ class MetaTrainConfig:
 
     * ``objective``: ``"final"``, the log final validation loss, or ``"final+speed"``, which
       mixes in the mean log validation loss at ``speed_points`` evaluations along the run
-      with weight ``speed_weight`` (:class:`lopt.meta_training.FinalValidationLoss`).
+      with weight ``speed_weight`` (:class:`lopt.estimator.FinalValidationLoss`).
     * ``es_normalization``: ``"none"`` (raw ``f⁺ − f⁻``), ``"sign"`` or ``"rank"``: so that
-      no task dominates the estimate (:class:`lopt.meta_training.AntitheticES`).
+      no task dominates the estimate (:class:`lopt.es.AntitheticES`).
     * ``horizon_sampling``: ``"uniform"`` over ``horizons`` or ``"log_uniform"`` (each
       weighted by its share of the log range, :func:`lopt.meta_training.log_uniform_weights`);
       e.g. ``horizons`` [100, 200, 400, 800, 1600] spans T/2..8T (each horizon compiles its

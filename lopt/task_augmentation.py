@@ -3,7 +3,7 @@
 variables or a differently scaled fresh head, so that θ cannot fit one parameterization.
 
 Everything here is a meta-training augmentation only. It is drawn inside the jitted
-meta-objective from the task's key (:class:`lopt.meta_training.FinalValidationLoss`), so both
+meta-objective from the task's key (:class:`lopt.estimator.FinalValidationLoss`), so both
 members of an ES pair see the same draw; validation, selection and the registered optimizer
 never go through it.
 
