@@ -67,7 +67,8 @@ def test_updates_keep_shapes_and_dtypes_and_state_is_jit_stable(config, dtype):
     for step in range(3):
         updates, new_state = update(_grads(params, step), state, params, value=jnp.float32(1.0 / (step + 1)))
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
-        assert jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), new_state, state)
+        same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), new_state, state)
+        assert all(jax.tree.leaves(same))  # the tree of booleans itself is always truthy
         for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
             assert u.shape == p.shape and u.dtype == p.dtype
             assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
