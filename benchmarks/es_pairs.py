@@ -56,7 +56,8 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
-from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
+from lopt.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.layout import LayerLayout  # noqa: E402
 from lopt.meta_training import AntitheticES, FinalValidationLoss, make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.serialization import load_model, save_model, save_optimizer  # noqa: E402

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from flax import serialization
 
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, MetaParams
+from lopt.l3rs import L3RS, L3RSConfig, MetaParams
+from lopt.layout import LayerLayout
 from lopt.models import ModelSpec, Params, init_params
 
 MODEL_FORMAT = "lopt.model"

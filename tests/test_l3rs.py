@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -12,15 +13,8 @@ import optax
 import pytest
 
 from lopt import models, serialization
-from lopt.l3rs import (
-    DIRECTIONS,
-    L3RS,
-    L3RSConfig,
-    LayerLayout,
-    LayoutMismatchError,
-    constant_meta_params,
-    eval_params,
-)
+from lopt.l3rs import DIRECTIONS, L3RS, L3RSConfig, constant_meta_params, eval_params
+from lopt.layout import LayerLayout, LayoutMismatchError
 
 SPEC = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
 
@@ -76,6 +70,27 @@ def test_updates_keep_shapes_and_dtypes_and_state_is_jit_stable(config, dtype):
     assert int(state.count) == 3
     # jit compiled once: the state kept its structure, shapes and dtypes.
     assert update._cache_size() == 1
+
+
+def test_equal_architectures_are_one_factory_and_share_a_compilation():
+    """Frozen and compared by config and layout, equal L3RS are interchangeable wherever the
+    optimizer factory is a jit-static argument (as in every unroll): one compilation for both."""
+    params = _params()
+    layout = LayerLayout.from_params(params)
+    a, b = L3RS(L3RSConfig(), layout), L3RS(L3RSConfig(), LayerLayout.from_params(_params()))
+    other = L3RS(L3RSConfig(hidden_size=8), layout)
+    assert a == b and hash(a) == hash(b) and a.opt_fn == b.opt_fn and a != other
+
+    @functools.partial(jax.jit, static_argnames="make")
+    def first_update(theta, *, make):
+        optimizer = make(theta, 10)
+        return optimizer.update(_grads(params, 0), optimizer.init(params), params, value=1.0)[0]
+
+    first_update(a.init(jax.random.key(0)), make=a.opt_fn)
+    first_update(b.init(jax.random.key(1)), make=b.opt_fn)
+    assert first_update._cache_size() == 1
+    first_update(other.init(jax.random.key(0)), make=other.opt_fn)
+    assert first_update._cache_size() == 2
 
 
 def test_update_requires_loss_and_params(config):

@@ -13,7 +13,8 @@ import pytest
 
 from lopt import models
 from lopt.config import get_config
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, eval_params
+from lopt.l3rs import L3RS, L3RSConfig, eval_params
+from lopt.layout import LayerLayout
 from lopt.meta_training import (
     MIN_LOG_LOSS,
     AntitheticES,
