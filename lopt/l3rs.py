@@ -169,20 +169,15 @@ class L3RSConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "L3RSConfig":
+        """The config :meth:`to_json` wrote: every field, none unknown (a file written before a
+        field existed is upgraded by :mod:`lopt.serialization`, which knows its version)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
+        unknown, missing = set(data) - fields, fields - set(data)
         if unknown:
             raise ValueError(f"Unknown L3RS config fields {sorted(unknown)}.")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        # Optimizers saved before the priors existed had none: keep their behaviour.
-        kwargs.setdefault("schedule", "constant")
-        kwargs.setdefault("horizon_exponent", 0.0)
-        # ... and refreshed their controller at every step ...
-        kwargs.setdefault("control_interval", 1)
-        # ... and moved the parameters themselves, along unit-RMS directions.
-        kwargs.setdefault("averaging", "none")
-        kwargs.setdefault("normalization", "unit_rms")
-        return cls(**kwargs)
+        if missing:
+            raise ValueError(f"Missing L3RS config fields {sorted(missing)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 class Controls(NamedTuple):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from lopt import models, serialization
+from lopt import models
 from lopt.l3rs import DIRECTIONS, L3RS, L3RSConfig, constant_meta_params, eval_params
 from lopt.layout import LayerLayout, LayoutMismatchError
 
@@ -219,11 +218,7 @@ def test_horizon_prior_scales_the_peak_step_inversely_with_the_horizon():
     np.testing.assert_allclose(peaks, [2.0, 1.0, 0.25], rtol=1e-6)
 
 
-def test_optimizers_saved_without_priors_keep_their_behaviour():
-    new_fields = ("schedule", "horizon_exponent", "control_interval")
-    saved = {k: v for k, v in L3RSConfig().to_json().items() if k not in new_fields}
-    old = L3RSConfig.from_json(saved)
-    assert (old.schedule, old.horizon_exponent, old.control_interval) == ("constant", 0.0, 1)
+def test_config_round_trips_through_json_and_rejects_bad_values():
     assert L3RSConfig.from_json(L3RSConfig().to_json()) == L3RSConfig()
     with pytest.raises(ValueError, match="Unknown schedule"):
         L3RSConfig(schedule="linear")
@@ -363,33 +358,6 @@ def test_config_rejects_unknown_directions():
         L3RSConfig(directions=("momentum", "gradient"))
 
 
-def test_serialization_round_trip_gives_identical_updates(tmp_path, config):
-    params = _params()
-    l3rs = L3RS(config, LayerLayout.from_params(params))
-    theta = l3rs.init(jax.random.key(5))
-    directory = serialization.save_optimizer(tmp_path / "opt", l3rs, theta, horizon=50, extra={"note": "x"})
-    header = json.loads((directory / "optimizer.json").read_text())
-    assert header["format"] == "lopt.l3rs" and header["horizon"] == 50 and header["note"] == "x"
-    loaded, theta2, header2 = serialization.load_optimizer(directory)
-    assert loaded.config == config and loaded.layout == l3rs.layout
-    grads = _grads(params, 0)
-    out = []
-    for opt in (l3rs.opt_fn(theta, 50), loaded.opt_fn(theta2, 50)):
-        out.append(opt.update(grads, opt.init(params), params, value=jnp.float32(1.0))[0])
-    jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
-
-
-def test_loading_theta_of_another_shape_is_an_error(tmp_path):
-    params = _params()
-    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
-    serialization.save_optimizer(tmp_path, l3rs, l3rs.init(jax.random.key(0)), horizon=10)
-    header = json.loads((tmp_path / "optimizer.json").read_text())
-    header["config"]["hidden_size"] = 7
-    (tmp_path / "optimizer.json").write_text(json.dumps(header))
-    with pytest.raises(ValueError, match="do not match"):
-        serialization.load_optimizer(tmp_path)
-
-
 def _sine_grads(params, seed):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -498,12 +466,6 @@ def test_the_horizon_must_be_a_positive_int(num_steps):
         l3rs.opt_fn(l3rs.init(jax.random.key(0)), num_steps)
 
 
-def test_optimizers_saved_before_averaging_load_without_it():
-    data = L3RSConfig().to_json()
-    del data["averaging"], data["interpolation"], data["warmup_fraction"]
-    assert L3RSConfig.from_json(data).averaging == "none"
-
-
 @pytest.mark.parametrize("control_interval", [1, 4])
 def test_scale_free_adam_direction_is_adams_own_update(control_interval):
     """With scale-free normalization the Adam direction keeps Adam's magnitude (bias-corrected
@@ -537,19 +499,3 @@ def test_unit_rms_normalization_scales_the_adam_direction_to_the_step_size():
     for step in range(3):
         updates, state = opt.update(_grads(params, step), state, params, value=1.0)
     assert all(abs(_rms(u) - 0.01) < 1e-4 for u in jax.tree.leaves(updates))
-
-
-def test_a_non_finite_theta_is_never_saved_and_a_recast_one_never_loaded(tmp_path):
-    params = _params()
-    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
-    theta = l3rs.init(jax.random.key(0))
-    poisoned = jax.tree.map(lambda x: x, theta)
-    poisoned["mlp"]["b1"] = poisoned["mlp"]["b1"].at[0].set(jnp.nan)
-    with pytest.raises(serialization.FormatError, match="mlp/b1 holds NaN"):
-        serialization.save_optimizer(tmp_path / "nan", l3rs, poisoned, horizon=10)
-    assert not (tmp_path / "nan" / "meta_params.msgpack").exists()
-    directory = serialization.save_optimizer(tmp_path / "ok", l3rs, theta, horizon=10)
-    half = jax.tree.map(lambda x: np.asarray(x, np.float16), theta)
-    serialization.save_pytree(directory / "meta_params.msgpack", half)
-    with pytest.raises(serialization.FormatError, match="float16, expected float32"):
-        serialization.load_optimizer(directory)
