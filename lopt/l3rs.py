@@ -52,6 +52,7 @@ takes it as an argument (ES perturbs it without recompiling), while the architec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Annotated, Any, Callable, Mapping, NamedTuple
 
@@ -458,7 +459,8 @@ class L3RS:
         state = state._replace(
             count=count, mu=mu, nu=nu, loss_ema=_ema(run.decays, state.loss_ema, loss)
         )
-        state = self._refresh_when_due(run, state, grads, params, loss, grad_norms, nu_hat)
+        refreshed = functools.partial(self._refreshed, run, state, grads, params, loss, grad_norms, nu_hat)
+        state = self._refresh_when_due(state, refreshed)
         controls = self.controls_in_effect(state, run.num_steps)
         steps = self._directions_step(state, controls, grads, grad_norms, nu_hat)
         treedef = jax.tree.structure(grads)
@@ -467,31 +469,21 @@ class L3RS:
             return jax.tree.unflatten(treedef, new_leaves), state
         return self._averaged_step(steps, treedef, state, params, controls, run.num_steps)
 
-    def _refresh_when_due(
-        self,
-        run: _Run,
-        state: L3RSState,
-        grads: optax.Updates,
-        params: optax.Params,
-        loss: jax.Array,
-        grad_norms: jax.Array,
-        nu_hat: Callable[[], optax.Updates],
-    ) -> L3RSState:
-        """``state`` with the controller refreshed (:meth:`_refreshed`) at steps 1,
-        1 + interval, 1 + 2·interval, …, unchanged at the others."""
+    def _refresh_when_due(self, state: L3RSState, refreshed: Callable[[], L3RSState]) -> L3RSState:
+        """``refreshed()``, the state with the controller refreshed (:meth:`_refreshed`), at
+        steps 1, 1 + interval, 1 + 2·interval, …; ``state`` at the others."""
         interval = self.config.control_interval
-        refresh = lambda: self._refreshed(run, state, grads, params, loss, grad_norms, nu_hat)
         if interval == 1:
-            return refresh()
+            return refreshed()
         # Only the small fields pass through the conditional: the moments stay outside, so
         # neither branch copies a full-size array.
         small = lambda s: tuple(getattr(s, f) for f in _REFRESHED_FIELDS)
-        refreshed = jax.lax.cond(
+        fields = jax.lax.cond(
             (state.count - 1) % interval == 0,
-            lambda: small(refresh()),
+            lambda: small(refreshed()),
             lambda: small(state),
         )
-        return state._replace(**dict(zip(_REFRESHED_FIELDS, refreshed)))
+        return state._replace(**dict(zip(_REFRESHED_FIELDS, fields)))
 
     def _refreshed(
         self,
