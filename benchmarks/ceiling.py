@@ -70,7 +70,8 @@ from lopt.baselines import BASELINES, get_baseline  # noqa: E402
 from lopt.config import get_config  # noqa: E402
 from lopt.estimator import FinalValidationLoss  # noqa: E402
 from lopt.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
-from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
+from lopt.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.layout import LayerLayout  # noqa: E402
 from lopt.models import ModelSpec, Params, with_fresh_head  # noqa: E402
 from lopt.serialization import read_model, read_optimizer, write_model  # noqa: E402
 from lopt.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402

@@ -58,7 +58,8 @@ import numpy as np  # noqa: E402
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
 from lopt.es import AntitheticES  # noqa: E402
 from lopt.estimator import FinalValidationLoss  # noqa: E402
-from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
+from lopt.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.layout import LayerLayout  # noqa: E402
 from lopt.meta_training import make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.serialization import read_model, write_model, write_optimizer  # noqa: E402

@@ -62,7 +62,8 @@ from lopt import paths, registry, steps  # noqa: E402
 from lopt.config import get_config  # noqa: E402
 from lopt.estimator import FinalValidationLoss, clipped_log  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
-from lopt.l3rs import L3RS, LayerLayout, MetaParams  # noqa: E402
+from lopt.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.layout import LayerLayout  # noqa: E402
 from lopt.meta_training import make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.tasks import load_task_family  # noqa: E402

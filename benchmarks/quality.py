@@ -221,23 +221,16 @@ def ablation_variants(budget: str) -> dict[str, dict[str, Any]]:
 
 
 class Context:
-    """What every step of the benchmark shares: arguments, timings, L3RS architectures."""
+    """What every step of the benchmark shares: arguments and timings."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.tracking_uri = args.tracking_uri or None
         self.data_dir = args.data_dir or None
         self.timings: dict[str, float] = {}
-        self.architectures: dict[str, L3RS] = {}
 
     def timed(self, label: str, seconds: float) -> None:
         self.timings[label] = round(self.timings.get(label, 0.0) + seconds, 2)
-
-    def shared(self, l3rs: L3RS) -> L3RS:
-        """One :class:`L3RS` object per architecture: its ``opt_fn`` is a static argument of
-        the compiled unroll, so optimizers of one architecture share compilations."""
-        key = json.dumps([l3rs.config.to_json(), l3rs.layout.to_json()], sort_keys=True)
-        return self.architectures.setdefault(key, l3rs)
 
 
 def load_learned(ctx: Context, name: str, location: str, overrides: dict | None = None) -> LearnedOptimizer:
@@ -250,7 +243,7 @@ def load_learned(ctx: Context, name: str, location: str, overrides: dict | None 
         meta["seconds"] = ctx.args.meta_training_seconds
         meta["seconds_source"] = "--meta-training-seconds"
     theta = jax.tree.map(jnp.asarray, theta)
-    return LearnedOptimizer(name, ctx.shared(l3rs), theta, int(header["horizon"]), location, meta, overrides)
+    return LearnedOptimizer(name, l3rs, theta, int(header["horizon"]), location, meta, overrides)
 
 
 def meta_trained(

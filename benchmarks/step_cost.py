@@ -46,7 +46,8 @@ import optax
 
 from lopt import models
 from lopt.config import get_config
-from lopt.l3rs import L3RS, LayerLayout
+from lopt.l3rs import L3RS
+from lopt.layout import LayerLayout
 from lopt.training import cross_entropy
 
 MODELS: dict[str, models.ModelSpec] = {

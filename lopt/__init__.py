@@ -14,7 +14,8 @@ needs the optimizer or the data (``lopt.l3rs``, ``lopt.data``) never pays for im
 import importlib
 from typing import Any
 
-from lopt.l3rs import L3RS, L3RSConfig, L3RSState, LayerLayout, LayoutMismatchError, eval_params
+from lopt.l3rs import L3RS, L3RSConfig, L3RSState, eval_params
+from lopt.layout import LayerLayout, LayoutMismatchError
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,6 @@ compilation. Schedule-free AdamW evaluates at its averaged iterate, as its autho
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import numpy as np
@@ -52,49 +51,33 @@ def log_grid(low: float, high: float, num: int) -> tuple[float, ...]:
     return tuple(float(f"{x:.3g}") for x in np.geomspace(low, high, num))
 
 
-def _extra_args(fn: Callable[[jax.Array, int], optax.GradientTransformation]) -> OptimizerFactory:
-    """Accepts (and ignores) ``value=`` and other extra args, whatever ``fn`` returns: the
-    inner-training loop passes the loss to every optimizer, as L3RS needs it."""
-
-    def factory(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
-        tx = fn(learning_rate, num_steps)
-
-        def update(updates, state, params=None, **extra_args):
-            del extra_args
-            return tx.update(updates, state, params)
-
-        return optax.GradientTransformationExtraArgs(tx.init, update)
-
-    factory.__name__ = fn.__name__
-    return factory
+# Each accepts (and ignores) ``value=`` and other extra args, as optax's own transformations do:
+# the inner-training loop passes the loss to every optimizer, as L3RS needs it.
 
 
-@_extra_args
-def adam(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+def adam(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
     del num_steps
-    return optax.adam(learning_rate)
+    return optax.with_extra_args_support(optax.adam(learning_rate))
 
 
-@_extra_args
-def adam_cosine(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
-    return optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+def adam_cosine(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
+    return optax.with_extra_args_support(optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps)))
 
 
-@_extra_args
-def sgd_momentum(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+def sgd_momentum(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
     del num_steps
-    return optax.sgd(learning_rate, momentum=0.9)
+    return optax.with_extra_args_support(optax.sgd(learning_rate, momentum=0.9))
 
 
-@_extra_args
-def schedule_free_adamw(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
-    return contrib.schedule_free_adamw(learning_rate, warmup_steps=max(1, num_steps // 20))
+def schedule_free_adamw(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
+    return optax.with_extra_args_support(
+        contrib.schedule_free_adamw(learning_rate, warmup_steps=max(1, num_steps // 20))
+    )
 
 
-@_extra_args
-def prodigy(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformation:
+def prodigy(learning_rate: jax.Array, num_steps: int) -> optax.GradientTransformationExtraArgs:
     del num_steps
-    return contrib.prodigy(learning_rate)
+    return optax.with_extra_args_support(contrib.prodigy(learning_rate))
 
 
 BASELINES: dict[str, Baseline] = {

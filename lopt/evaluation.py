@@ -299,8 +299,8 @@ def evaluate_l3rs(
 ) -> RunResult:
     """The learned optimizer θ on ``task``: untuned, the same seeds as the baselines.
 
-    ``l3rs.opt_fn`` is the static part of the compiled unroll: evaluate several θ of one
-    architecture through the same :class:`L3RS` instance to reuse the compilation."""
+    ``l3rs.opt_fn`` is the static part of the compiled unroll: several θ of one architecture
+    (equal :class:`L3RS`) reuse its compilation."""
     trajectories = run_seeds(
         theta, l3rs.opt_fn, spec, pretrained, task, horizon, seeds, batch_size,
         eval_params=l3rs_eval_params, eval_points=eval_points,

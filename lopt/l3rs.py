@@ -4,97 +4,64 @@ The update rule (arXiv 2408.09310, "Narrowing the Focus") for every layer ``l`` 
 
     Δθ_l = -λ_l(t) · Σ_p μ_{p,l}(t) · d̂_{p,l}
 
-Design choices, and why:
+The rules, and why (the measurements behind the defaults are in docs/measurements.md):
 
-* **A layer is one parameter tensor** (one leaf of the params pytree, biases included). Leaves
-  are what optax sees, so the rule composes with any optax wrapper, and a leaf is the finest
-  unit whose direction still has a meaningful norm.
-* **Base directions come from shared moments.** Adam's first moment ``m`` and second moment
-  ``v`` give five distinct directions for Adam's memory: ``adam`` (m̂/√v̂), ``momentum``
-  (SGD-momentum, i.e. ``m``), ``gradient`` (g), ``rmsprop`` (g/√v̂) and ``sign_momentum``
-  (sign(m), Lion-like). Keeping one copy of the moments keeps state bytes at Adam's.
-* **Each direction is normalized per layer to unit RMS** (``d̂``) at every refresh of the
-  controller (below), so the mixing coefficients compare like with like and ``λ_l`` alone sets
-  the step's size: at a refresh the RMS of a layer's update is at most ``λ_l``. The mixture is
-  computed as scalar coefficients ``−λ_l μ_{p,l} / rms`` times element-wise directions, which
-  XLA fuses into one kernel per layer (no stacked copy). With ``normalization="scale_free"``
-  only the directions that carry the gradient's units (``momentum``, ``gradient``) are
-  normalized; ``adam``, ``rmsprop`` and ``sign_momentum`` are already dimensionless and keep
-  their magnitude (Adam's bias-corrected), which shrinks as the gradient's signal-to-noise
-  ratio falls. Unit RMS removes that brake, and small-data fine-tuning needs it
-  (docs/measurements.md).
-* **Optional schedule-free averaging** (``averaging="schedule_free"``): the rule's step moves
-  a fast iterate ``z``, ``x`` is its running average, and gradients are taken at
-  ``y = β_l·x + (1 − β_l)·z`` with β_l a further output of the MLP — schedule-free's
-  interpolation (Defazio et al., 2024), learned per layer. The last step of the planned
-  horizon lands on ``x``; :func:`eval_params` gives ``x`` in between. One more parameter copy.
-* **A step with a non-finite loss or gradient changes nothing** but ``skipped_steps``: the
-  loss enters EMAs that every later step reads, so one NaN would otherwise poison the run.
-* **One tiny MLP shared by all layers** maps per-layer features to ``1 + P`` outputs:
+* **A layer is one parameter tensor** (one leaf of the params pytree, biases included): leaves
+  are what optax sees, so the rule composes with any optax wrapper.
+* **Base directions come from Adam's moments** ``m`` and ``v``: ``adam`` (m̂/√v̂), ``momentum``
+  (``m``), ``gradient`` (g), ``rmsprop`` (g/√v̂) and ``sign_momentum`` (sign(m), Lion-like).
+  One copy of the moments keeps the state at Adam's size.
+* **Directions are normalized per layer** (``d̂``), so the mixture compares like with like and
+  ``λ_l`` alone sets the step's size. ``normalization="unit_rms"`` scales every direction to
+  unit RMS; ``"scale_free"`` only those that carry the gradient's units (``momentum``,
+  ``gradient``), so Adam's magnitude, which shrinks as the gradient's signal-to-noise ratio
+  falls, still brakes noisy small-data steps. The mixture is scalars times element-wise
+  directions, which XLA fuses into one kernel per layer.
+* **One tiny MLP shared by all layers** maps per-layer features to
   ``λ_l = base_learning_rate · (T_ref / T)^γ · s(t/T) · exp(o_0)`` and
-  ``μ_{·,l} = softmax(o_1..o_P)``, where ``s`` is a fixed schedule prior (``schedule``: cosine
-  decay from 1 to 0 over the horizon, or constant 1) and ``(T_ref / T)^γ`` a fixed horizon
-  prior (``reference_horizon``, ``horizon_exponent``), both of which the MLP modulates per
-  layer and step. Its inputs are
-  a learned per-layer embedding; time features ``t/T`` and ``log T`` (so a longer horizon
-  stretches the schedule, and the peak step size may depend on the horizon); and moving
-  averages, at several timescales, of the loss, the layer's gradient norm and the layer's
-  weight norm, each as a log-ratio to its value at the first step (scale-free across tasks).
-* **Initialization makes the untrained optimizer a sensible fine-tuning Adam**: the output
-  layer starts near zero with the mixing bias favouring ``adam``, so the untrained optimizer is
-  per-layer-normalized Adam at ``base_learning_rate`` under the two priors, and
-  meta-training starts from a good point rather than from noise. The prior and the step size
-  were chosen on the meta-training family (16 task draws, T = 200, never the held-out
-  datasets): mean final validation loss 0.1735 constant at 1e-3 (0.1717 at 7e-4, 0.1978 at
-  2e-3), 0.1579 cosine at 1e-3, **0.1544 cosine at 1.4e-3**, 0.1615 cosine at 2e-3; tuned
-  Adam reaches 0.169 (constant, 4e-3) and 0.166 (cosine, 8e-3) there. A larger step for the
-  fresh head, which helps Adam (0.161 at 10×), hurts here (0.18 at 3×): per-layer
-  normalization already gives the small head tensor a relatively larger step. Longer
-  fine-tuning of a pretrained model on small data wants a smaller peak step (tuned baselines
-  halve their learning rate per doubling of T on the meta-training task), and the untrained
-  optimizer overfit at 4T without it: on the family at T = 800 the loss is 0.2559 at the
-  T = 200 step size, 0.2110 at ½, **0.1649 at ¼** and 0.1674 at ⅛, hence γ = 1 around
-  ``T_ref = 200``; it holds on both sides: at T = 400, 0.1768 at the T = 200 step, **0.1582
-  at ½**, 0.1658 at ¼; at T = 100, 0.1868 at the T = 200 step, **0.1689 at 2×**.
-
-* **The controller refreshes every ``control_interval`` steps (16)**: the layer statistics
-  (gradient and weight norms, whose EMAs then take one update of ``decay^interval``), the MLP
-  and the directions' ``1 / rms`` normalizers. In between, the last refresh's per-layer,
-  per-direction scalars scale the current directions under the current step's prior, so such
-  a step is Adam's step with a few more element-wise terms in the same fused kernel, plus one
-  reduction per layer (its gradient norm): outside the refresh the compiled step has 79
-  kernels, Adam's 77; refreshing every step, 229. The refresh is a ``lax.cond`` that only the
-  small per-layer arrays pass through; under ``vmap`` with a batched step count it becomes a
-  select and both branches run, as before. Between refreshes a direction keeps its relative
-  magnitude (a layer whose gradient shrinks takes smaller steps until the next refresh), with
-  two corrections: a scalar undoes the growth of ``m``'s bias since the refresh (normalization
-  cancels it only at a refresh), and a gradient larger than the refresh's shrinks the step
-  by ``min(1, |g_refresh| / |g_t|)``, so no spike becomes a step larger than the refresh's.
-  Without that cap a spiky minibatch late in an overfitting run took a step sized by a
-  normalizer from a tiny gradient: on a small-data family (60–120 images per class) the
-  final validation loss at T = 800 was 0.559 refreshing every step and 1.97 every 8, and
-  with it 0.438 every 8, 0.415 every 16. On the meta-training family (16 draws, untrained θ),
-  T = 200 / 800: 0.1538 / 0.1657 every step, 0.1552 / 0.1607 every 4, 0.1541 / 0.1604
-  every 8, **0.1546 / 0.1590 every 16**. Step time, large CNN at batch 64: 1.2–1.3× Adam's
-  refreshing every step, ~1.1× every 8 or 16 (``benchmarks/step_cost.py``).
+  ``μ_{·,l} = softmax(o_1..o_P)``. Its inputs are a learned per-layer embedding, ``t/T`` and
+  ``log T``, and EMAs at several timescales of the loss, the layer's gradient norm and its
+  weight norm, each as a log-ratio to its first-step value: scale-free, so they transfer
+  across tasks. The fixed priors, a schedule ``s`` (``schedule``) and a horizon factor
+  ``(T_ref / T)^γ`` (``reference_horizon``, ``horizon_exponent``), give the MLP a good
+  schedule to modulate: fine-tuning on small data wants a smaller peak step the longer it runs.
+* **The untrained optimizer is per-layer-normalized Adam** at ``base_learning_rate`` under the
+  priors (output layer near zero, mixing bias on ``init_direction``), so meta-training starts
+  from a good point rather than from noise.
+* **The controller refreshes every ``control_interval`` steps**: layer statistics, the MLP and
+  the directions' ``1 / rms`` normalizers. In between, the last refresh's per-layer scalars
+  scale the current directions, so such a step costs about Adam's. Two corrections keep the
+  stale scalars safe: one undoes the growth of ``m``'s bias since the refresh, and a gradient
+  larger than the refresh's shrinks a normalized step by ``min(1, |g_refresh| / |g_t|)``, so no
+  gradient spike becomes a step larger than ``λ``. The refresh is a ``lax.cond`` that only the
+  small per-layer arrays pass through.
+* **Optional schedule-free averaging** (``averaging="schedule_free"``): the rule's step moves a
+  fast iterate ``z``, ``x`` is its running average, and gradients are taken at
+  ``y = β_l·x + (1 − β_l)·z`` with β_l a further output of the MLP: schedule-free's
+  interpolation (Defazio et al., 2024), learned per layer, for one more parameter copy.
+* **A step with a non-finite loss or gradient changes nothing** but ``skipped_steps``: the loss
+  enters EMAs that every later step reads, so one NaN would otherwise poison the run.
 
 The split between meta-parameters and the optimizer follows learned_optimization:
-:meth:`L3RS.init` draws meta-parameters θ (a small pytree of arrays), :meth:`L3RS.opt_fn`
-turns θ into an ``optax.GradientTransformationExtraArgs``. θ may be a traced value, so a
-jitted inner-training unroll can take θ as an argument (ES perturbs it without recompiling).
+:meth:`L3RS.init` draws θ (a small pytree of arrays) and :meth:`L3RS.opt_fn` turns θ into an
+``optax.GradientTransformationExtraArgs``. θ may be traced, so a jitted inner-training unroll
+takes it as an argument (ES perturbs it without recompiling), while the architecture
+(:class:`L3RS`: config and layout, frozen and compared by value) is the unroll's static part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Annotated, Any, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lopt.layout import LayerLayout
 from lopt.schema import COUNT, DECAY, NON_NEGATIVE, POSITIVE
 
 DIRECTIONS: tuple[str, ...] = ("adam", "momentum", "gradient", "rmsprop", "sign_momentum")
@@ -106,85 +73,6 @@ DIMENSIONLESS: frozenset[str] = frozenset({"adam", "rmsprop", "sign_momentum"})
 
 MetaParams = dict[str, Any]
 """θ: ``{"layer_embeddings": [L, E], "mlp": {"w1", "b1", "w2", "b2"}}``."""
-
-
-class LayoutMismatchError(ValueError):
-    """The optimizer was built for parameters of another architecture."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerLayout:
-    """Names and shapes of the layers (params leaves) an L3RS optimizer was meta-trained for.
-
-    The per-layer embeddings are tied to these layers, so applying the optimizer to another
-    architecture is an error that names the layers that differ, not a silent misuse. Layers
-    under ``flexible_prefix`` (the classifier head) may change size but not rank: a model
-    fine-tuned on a task with another number of classes is still the same architecture.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    flexible_prefix: str = "head/"
-
-    @classmethod
-    def from_params(cls, params: Any, flexible_prefix: str = "head/") -> "LayerLayout":
-        leaves = jax.tree_util.tree_leaves_with_path(params)
-        return cls(
-            names=tuple(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves),
-            shapes=tuple(tuple(int(d) for d in np.shape(leaf)) for _, leaf in leaves),
-            flexible_prefix=flexible_prefix,
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.names)
-
-    def _fits(self, name: str, expected: tuple[int, ...], actual: tuple[int, ...]) -> bool:
-        if self.flexible_prefix and name.startswith(self.flexible_prefix):
-            return len(expected) == len(actual)
-        return expected == actual
-
-    def differences(self, other: "LayerLayout") -> list[str]:
-        """What keeps an optimizer for this layout from running on ``other``'s layers
-        (empty when it can)."""
-        mine = dict(zip(self.names, self.shapes))
-        theirs = dict(zip(other.names, other.shapes))
-        problems = [f"missing {n} {list(s)}" for n, s in mine.items() if n not in theirs]
-        problems += [f"unexpected {n} {list(s)}" for n, s in theirs.items() if n not in mine]
-        problems += [
-            f"{n}: expected shape {list(s)}, got {list(theirs[n])}"
-            for n, s in mine.items()
-            if n in theirs and not self._fits(n, s, theirs[n])
-        ]
-        if not problems and other.names != self.names:
-            problems = ["same layers in a different order"]
-        return problems
-
-    def check(self, params: Any) -> None:
-        """Raises :class:`LayoutMismatchError` naming the layers that differ from ``params``."""
-        problems = self.differences(LayerLayout.from_params(params))
-        if problems:
-            raise LayoutMismatchError(
-                "This L3RS optimizer was meta-trained for a different architecture: "
-                + "; ".join(problems)
-                + ". Fetch the optimizer registered for this model (l3rs-<base-model>), or "
-                "meta-train one for it."
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "shapes": [list(s) for s in self.shapes],
-            "flexible_prefix": self.flexible_prefix,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "LayerLayout":
-        return cls(
-            names=tuple(data["names"]),
-            shapes=tuple(tuple(int(d) for d in s) for s in data["shapes"]),
-            flexible_prefix=data.get("flexible_prefix", ""),
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,20 +170,15 @@ class L3RSConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "L3RSConfig":
+        """The config :meth:`to_json` wrote: every field, none unknown (a file written before a
+        field existed is upgraded by :mod:`lopt.serialization`, which knows its version)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
+        unknown, missing = set(data) - fields, fields - set(data)
         if unknown:
             raise ValueError(f"Unknown L3RS config fields {sorted(unknown)}.")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        # Optimizers saved before the priors existed had none: keep their behaviour.
-        kwargs.setdefault("schedule", "constant")
-        kwargs.setdefault("horizon_exponent", 0.0)
-        # ... and refreshed their controller at every step ...
-        kwargs.setdefault("control_interval", 1)
-        # ... and moved the parameters themselves, along unit-RMS directions.
-        kwargs.setdefault("averaging", "none")
-        kwargs.setdefault("normalization", "unit_rms")
-        return cls(**kwargs)
+        if missing:
+            raise ValueError(f"Missing L3RS config fields {sorted(missing)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 class Controls(NamedTuple):
@@ -373,12 +256,37 @@ def _progress(count: jax.Array, num_steps: int) -> jax.Array:
     return (count - 1.0) / num_steps
 
 
+def _ema(decay: jax.Array, old: jax.Array, x: jax.Array) -> jax.Array:
+    return decay * old + (1.0 - decay) * x
+
+
 def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))) + _SQRT_FLOOR)
 
 
+class _Run(NamedTuple):
+    """What :meth:`L3RS.opt_fn` fixes for every step of one run."""
+
+    theta: MetaParams
+    num_steps: int
+    decays: jax.Array  # of the loss's EMAs, per step [K]
+    interval_decays: jax.Array  # of the norms' EMAs, updated once per refresh: decay^interval [K]
+
+
+# The fields of L3RSState that a refresh of the controller writes: the small per-layer arrays.
+_REFRESHED_FIELDS = (
+    "grad_norm_ema", "weight_norm_ema", "reference", "controls", "inverse_rms",
+    "refresh_gradient_norms",
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class L3RS:
-    """The L3RS learned optimizer for one layer layout.
+    """The L3RS learned optimizer for one layer layout: the architecture, without θ.
+
+    Frozen and compared by ``config`` and ``layout``: two equal architectures are
+    interchangeable, and as the optimizer factory of a jitted unroll (a static argument) they
+    share one compiled program.
 
     Example::
 
@@ -389,9 +297,8 @@ class L3RS:
         updates, state = opt.update(grads, state, params, value=loss)
     """
 
-    def __init__(self, config: L3RSConfig, layout: LayerLayout):
-        self.config = config
-        self.layout = layout
+    config: L3RSConfig
+    layout: LayerLayout
 
     # ----------------------------------------------------------------------------------------
     # Meta-parameters.
@@ -431,7 +338,249 @@ class L3RS:
             )
 
     # ----------------------------------------------------------------------------------------
-    # The rule.
+    # The transformation.
+
+    def __call__(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        """Builds the optimizer from θ for a run of ``num_steps`` steps (the horizon ``T``).
+
+        ``update`` needs ``params`` (for weight norms) and the loss as ``value=``. With
+        averaging, evaluate at :func:`eval_params` (the last step of the horizon lands the
+        parameters on the average, so a run of ``num_steps`` steps ends there by itself).
+        """
+        num_steps = check_horizon(num_steps)
+        decays = jnp.asarray(self.config.ema_decays, jnp.float32)
+        run = _Run(theta, num_steps, decays, decays**self.config.control_interval)
+
+        def init_fn(params: optax.Params) -> L3RSState:
+            return self.init_state(params)
+
+        def update_fn(
+            updates: optax.Updates,
+            state: L3RSState,
+            params: optax.Params | None = None,
+            *,
+            value: jax.Array | None = None,
+            **extra_args: Any,
+        ) -> tuple[optax.Updates, L3RSState]:
+            del extra_args
+            if params is None or value is None:
+                raise ValueError(
+                    "L3RS needs the parameters and the loss: call "
+                    "opt.update(grads, state, params, value=loss)."
+                )
+            return self._update_if_finite(run, updates, state, params, value)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    @property
+    def opt_fn(self) -> L3RS:
+        """The optimizer factory ``opt_fn(θ, num_steps)``, as learned_optimization names it:
+        this architecture itself (:meth:`__call__`). Passed as a jit-static argument it then
+        compares by value, so equal architectures share a compilation; a bound method would
+        compare by identity and compile once per object."""
+        return self
+
+    def init_state(self, params: optax.Params) -> L3RSState:
+        """The state before the first step; :class:`LayoutMismatchError` when ``params`` are not
+        the layers this optimizer was built for."""
+        c = self.config
+        layout = self.layout
+        layout.check(params)
+        num_decays = len(c.ema_decays)
+        moment = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        num_directions = len(c.directions)
+        per_layer = lambda: jnp.zeros(layout.num_layers, jnp.float32)
+        return L3RSState(
+            count=jnp.zeros([], jnp.int32),
+            mu=moment(),
+            nu=moment(),
+            loss_ema=jnp.zeros(num_decays, jnp.float32),
+            grad_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
+            weight_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
+            reference=jnp.ones(1 + 2 * layout.num_layers, jnp.float32),
+            controls=Controls(
+                learning_rates=per_layer(),
+                mixing_coefficients=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
+                interpolation=per_layer() if c.averages else None,
+            ),
+            inverse_rms=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
+            refresh_gradient_norms=per_layer(),
+            # A distinct copy: z and the parameters may both be donated to a jitted step.
+            fast_iterate=jax.tree.map(jnp.copy, params) if c.averages else None,
+            # Before the first step y = z = x, which any β describes; 1 divides exactly.
+            interpolation=jnp.ones(layout.num_layers, jnp.float32) if c.averages else None,
+            average_weight=jnp.zeros([], jnp.float32),
+            skipped_steps=jnp.zeros([], jnp.int32),
+        )
+
+    def _update_if_finite(
+        self,
+        run: _Run,
+        grads: optax.Updates,
+        state: L3RSState,
+        params: optax.Params,
+        value: jax.Array,
+    ) -> tuple[optax.Updates, L3RSState]:
+        """The rule's step, unless the loss or a gradient is not finite: such a step would enter
+        the EMAs and moments and poison every later step, so it changes nothing but
+        ``skipped_steps`` (and its updates are zero)."""
+        loss = jnp.asarray(value, jnp.float32).reshape(())
+        # Every step: a layer's gradient norm is one reduction over its gradient, bounds the
+        # step between refreshes (:meth:`_directions_step`), and is not finite when any entry is not.
+        grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad_norms))
+        new_updates, new_state = self._step(run, grads, state, params, loss, grad_norms)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_state = jax.tree.map(keep, new_state, state._replace(
+            skipped_steps=state.skipped_steps + 1
+        ))
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        return new_updates, new_state
+
+    def _step(
+        self,
+        run: _Run,
+        grads: optax.Updates,
+        state: L3RSState,
+        params: optax.Params,
+        loss: jax.Array,
+        grad_norms: jax.Array,
+    ) -> tuple[optax.Updates, L3RSState]:
+        """One step of the rule: the moments and the loss's EMAs, the controller when it is due
+        for a refresh, then the mixture of directions (around which, with averaging,
+        schedule-free's interpolation)."""
+        c = self.config
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(grads, state.mu, c.b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, c.b2, 2)
+        # Computed where it is used (in the refresh and in the mixture), so that no full-size
+        # copy of it is written for the conditional refresh to read.
+        nu_hat = lambda: optax.tree.bias_correction(nu, c.b2, count)
+        state = state._replace(
+            count=count, mu=mu, nu=nu, loss_ema=_ema(run.decays, state.loss_ema, loss)
+        )
+        refreshed = functools.partial(self._refreshed, run, state, grads, params, loss, grad_norms, nu_hat)
+        state = self._refresh_when_due(state, refreshed)
+        controls = self.controls_in_effect(state, run.num_steps)
+        steps = self._directions_step(state, controls, grads, grad_norms, nu_hat)
+        treedef = jax.tree.structure(grads)
+        if not c.averages:
+            new_leaves = [s.astype(g.dtype) for s, g in zip(steps, jax.tree.leaves(grads))]
+            return jax.tree.unflatten(treedef, new_leaves), state
+        return self._averaged_step(steps, treedef, state, params, controls, run.num_steps)
+
+    def _refresh_when_due(self, state: L3RSState, refreshed: Callable[[], L3RSState]) -> L3RSState:
+        """``refreshed()``, the state with the controller refreshed (:meth:`_refreshed`), at
+        steps 1, 1 + interval, 1 + 2·interval, …; ``state`` at the others."""
+        interval = self.config.control_interval
+        if interval == 1:
+            return refreshed()
+        # Only the small fields pass through the conditional: the moments stay outside, so
+        # neither branch copies a full-size array.
+        small = lambda s: tuple(getattr(s, f) for f in _REFRESHED_FIELDS)
+        fields = jax.lax.cond(
+            (state.count - 1) % interval == 0,
+            lambda: small(refreshed()),
+            lambda: small(state),
+        )
+        return state._replace(**dict(zip(_REFRESHED_FIELDS, fields)))
+
+    def _refreshed(
+        self,
+        run: _Run,
+        state: L3RSState,
+        grads: optax.Updates,
+        params: optax.Params,
+        loss: jax.Array,
+        grad_norms: jax.Array,
+        nu_hat: Callable[[], optax.Updates],
+    ) -> L3RSState:
+        """The controller's refresh: the norms' EMAs take one update of ``decay^interval``, the
+        MLP decides the controls, and the directions' ``1 / rms`` normalizers are measured."""
+        weight_norms = jnp.stack([_norm(p) for p in jax.tree.leaves(params)])
+        # Features are log-ratios to the first step's values, which become the reference.
+        current = jnp.concatenate([loss[None], grad_norms, weight_norms])
+        refreshed = state._replace(
+            grad_norm_ema=_ema(run.interval_decays, state.grad_norm_ema, grad_norms[:, None]),
+            weight_norm_ema=_ema(run.interval_decays, state.weight_norm_ema, weight_norms[:, None]),
+            reference=jnp.where(state.count == 1, current, state.reference),
+        )
+        return refreshed._replace(
+            controls=self.controls(run.theta, self.features(run.theta, refreshed, run.num_steps)),
+            inverse_rms=self.direction_inverse_rms(grads, state.mu, nu_hat(), state.count),
+            refresh_gradient_norms=grad_norms,
+        )
+
+    def _directions_step(
+        self,
+        state: L3RSState,
+        controls: Controls,
+        grads: optax.Updates,
+        grad_norms: jax.Array,
+        nu_hat: Callable[[], optax.Updates],
+    ) -> list[jax.Array]:
+        """Per layer, the rule's step ``Σ_p (−λ_l μ_{p,l} / rms(d_{p,l})) · d_{p,l}`` in float32:
+        scalars times element-wise directions, which XLA fuses into one kernel per layer."""
+        coefficients = (
+            -controls.learning_rates[:, None]
+            * controls.mixing_coefficients
+            * state.inverse_rms
+            * self.momentum_correction(state.count)
+            # A gradient larger than at the refresh shrinks a normalized direction's step by the
+            # ratio, so a stale normalizer cannot turn a gradient spike into a step larger than
+            # λ (a scale-free direction has no normalizer to go stale).
+            * jnp.where(
+                self.normalized_directions,
+                jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None],
+                1.0,
+            )
+        )
+        return [
+            sum(coefficients[i, p] * d for p, d in enumerate(directions))
+            for i, directions in enumerate(self.base_directions(grads, state.mu, nu_hat()))
+        ]
+
+    def _averaged_step(
+        self,
+        steps: list[jax.Array],
+        treedef: Any,
+        state: L3RSState,
+        params: optax.Params,
+        controls: Controls,
+        num_steps: int,
+    ) -> tuple[optax.Updates, L3RSState]:
+        """Schedule-free's interpolation (Defazio et al., 2024) around the rule's steps.
+
+        The rule's step moves the fast iterate ``z``; ``x`` averages the ``z``'s (weights
+        from :meth:`averaging_weight`), and the parameters, where the next gradient is taken,
+        are ``y = β·x + (1 − β)·z`` with a learned per-layer β. Taking gradients between the
+        fast iterate and its average is what lets schedule-free AdamW run a much larger step
+        than Adam's stably; a bare average of Adam's iterates does not reproduce its lead.
+        At the horizon's last step β is 1, so a run of the planned length ends on ``x``.
+        """
+        count = state.count
+        weight = self.averaging_weight(count, num_steps)
+        average_weight = state.average_weight + weight
+        share = weight / jnp.maximum(average_weight, 1e-30)
+        interpolation = jnp.where(count >= num_steps, 1.0, controls.interpolation)
+        updates, fast = [], []
+        for i, (step, y, z) in enumerate(
+            zip(steps, jax.tree.leaves(params), jax.tree.leaves(state.fast_iterate))
+        ):
+            beta = interpolation[i]
+            x = _average(y, z, state.interpolation[i])
+            z = z + step.astype(z.dtype)
+            x = x + share * (z - x)
+            updates.append((beta * x + (1.0 - beta) * z - y).astype(y.dtype))
+            fast.append(z)
+        return jax.tree.unflatten(treedef, updates), state._replace(
+            fast_iterate=jax.tree.unflatten(treedef, fast),
+            interpolation=interpolation,
+            average_weight=average_weight,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # The controller.
 
     def features(self, theta: MetaParams, state: L3RSState, num_steps: int) -> jax.Array:
         """Per-layer MLP inputs ``[L, F]`` from θ's embeddings and the optimizer state (after
@@ -487,6 +636,12 @@ class L3RS:
             interpolation=interpolation,
         )
 
+    def controls_in_effect(self, state: L3RSState, num_steps: int) -> Controls:
+        """The controls of the step that produced ``state`` (also for analysis and plots): the
+        last refresh's MLP output under this step's step-size prior."""
+        prior = self.step_size_prior(state.count, num_steps)
+        return state.controls._replace(learning_rates=state.controls.learning_rates * prior)
+
     def step_size_prior(self, count: jax.Array, num_steps: int) -> jax.Array:
         """``(T_ref / T)^γ · s(t/T)``, the fixed factor the MLP's step sizes are multiplied by
         at step ``count`` (1 for the first) of a ``num_steps``-step run."""
@@ -516,6 +671,9 @@ class L3RS:
         if self.config.schedule == "warmup_constant":
             return jnp.square(self.schedule(count, num_steps))
         return jnp.float32(1.0)
+
+    # ----------------------------------------------------------------------------------------
+    # The base directions.
 
     def base_directions(
         self, grads: optax.Updates, mu: optax.Updates, nu_hat: optax.Updates
@@ -585,184 +743,6 @@ class L3RS:
             ]
         )
 
-    def opt_fn(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
-        """Builds the optimizer from θ for a run of ``num_steps`` steps (the horizon ``T``).
-
-        ``update`` needs ``params`` (for weight norms) and the loss as ``value=``. With
-        averaging, evaluate at :func:`eval_params` (the last step of the horizon lands the
-        parameters on the average, so a run of ``num_steps`` steps ends there by itself).
-        """
-        num_steps = check_horizon(num_steps)
-        c = self.config
-        layout = self.layout
-        num_decays = len(c.ema_decays)
-        decays = jnp.asarray(c.ema_decays, jnp.float32)
-        # The norms' EMAs are updated once per refresh, with the decay of that many steps.
-        interval_decays = decays**c.control_interval
-        ema = lambda decay, old, x: decay * old + (1.0 - decay) * x
-
-        def init_fn(params: optax.Params) -> L3RSState:
-            layout.check(params)
-            moment = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            num_directions = len(c.directions)
-            per_layer = lambda: jnp.zeros(layout.num_layers, jnp.float32)
-            return L3RSState(
-                count=jnp.zeros([], jnp.int32),
-                mu=moment(),
-                nu=moment(),
-                loss_ema=jnp.zeros(num_decays, jnp.float32),
-                grad_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
-                weight_norm_ema=jnp.zeros((layout.num_layers, num_decays), jnp.float32),
-                reference=jnp.ones(1 + 2 * layout.num_layers, jnp.float32),
-                controls=Controls(
-                    learning_rates=per_layer(),
-                    mixing_coefficients=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
-                    interpolation=per_layer() if c.averages else None,
-                ),
-                inverse_rms=jnp.zeros((layout.num_layers, num_directions), jnp.float32),
-                refresh_gradient_norms=per_layer(),
-                # A distinct copy: z and the parameters may both be donated to a jitted step.
-                fast_iterate=jax.tree.map(jnp.copy, params) if c.averages else None,
-                # Before the first step y = z = x, which any β describes; 1 divides exactly.
-                interpolation=jnp.ones(layout.num_layers, jnp.float32) if c.averages else None,
-                average_weight=jnp.zeros([], jnp.float32),
-                skipped_steps=jnp.zeros([], jnp.int32),
-            )
-
-        def update_fn(updates, state, params=None, *, value=None, **extra_args):
-            del extra_args
-            if params is None or value is None:
-                raise ValueError(
-                    "L3RS needs the parameters and the loss: call "
-                    "opt.update(grads, state, params, value=loss)."
-                )
-            grads = updates
-            loss = jnp.asarray(value, jnp.float32).reshape(())
-            # Every step: a layer's gradient norm is one reduction over its gradient, bounds
-            # the step between refreshes (below), and is not finite when any entry is not.
-            grad_norms = jnp.stack([_norm(g) for g in jax.tree.leaves(grads)])
-            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad_norms))
-            new_updates, new_state = step(grads, state, params, loss, grad_norms)
-            # A non-finite loss or gradient would enter the EMAs and moments and poison every
-            # later step: such a step changes nothing but the count of skipped steps.
-            keep = lambda new, old: jnp.where(finite, new, old)
-            new_state = jax.tree.map(keep, new_state, state._replace(
-                skipped_steps=state.skipped_steps + 1
-            ))
-            new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-            return new_updates, new_state
-
-        def step(grads, state, params, loss, grad_norms):
-            count = optax.safe_increment(state.count)
-            mu = optax.tree.update_moment(grads, state.mu, c.b1, 1)
-            nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, c.b2, 2)
-            # Computed where it is used (in the refresh and in the mixture), so that no
-            # full-size copy of it is written for the conditional refresh to read.
-            nu_hat = lambda: optax.tree.bias_correction(nu, c.b2, count)
-            state = state._replace(
-                count=count, mu=mu, nu=nu, loss_ema=ema(decays, state.loss_ema, loss)
-            )
-
-            def refresh() -> L3RSState:
-                weight_norms = jnp.stack([_norm(p) for p in jax.tree.leaves(params)])
-                # Features are log-ratios to the first step's values, which become the reference.
-                current = jnp.concatenate([loss[None], grad_norms, weight_norms])
-                refreshed = state._replace(
-                    grad_norm_ema=ema(interval_decays, state.grad_norm_ema, grad_norms[:, None]),
-                    weight_norm_ema=ema(interval_decays, state.weight_norm_ema, weight_norms[:, None]),
-                    reference=jnp.where(count == 1, current, state.reference),
-                )
-                return refreshed._replace(
-                    controls=self.controls(theta, self.features(theta, refreshed, num_steps)),
-                    inverse_rms=self.direction_inverse_rms(grads, mu, nu_hat(), count),
-                    refresh_gradient_norms=grad_norms,
-                )
-
-            refreshed_fields = (
-                "grad_norm_ema", "weight_norm_ema", "reference", "controls", "inverse_rms",
-                "refresh_gradient_norms",
-            )
-            if c.control_interval == 1:
-                state = refresh()
-            else:
-                # Only the small fields pass through the conditional: the moments stay outside,
-                # so neither branch copies a full-size array.
-                small = lambda s: tuple(getattr(s, f) for f in refreshed_fields)
-                refreshed = jax.lax.cond(
-                    (count - 1) % c.control_interval == 0,
-                    lambda: small(refresh()),
-                    lambda: small(state),
-                )
-                state = state._replace(**dict(zip(refreshed_fields, refreshed)))
-
-            controls = self.controls_in_effect(state, num_steps)
-            # Σ_p (−λ_l μ_{p,l} / rms(d_{p,l})) · d_{p,l}: scalars times element-wise
-            # directions, which XLA fuses into one kernel per layer.
-            coefficients = (
-                -controls.learning_rates[:, None]
-                * controls.mixing_coefficients
-                * state.inverse_rms
-                * self.momentum_correction(count)
-                # A gradient larger than at the refresh shrinks a normalized direction's step by
-                # the ratio, so a stale normalizer cannot turn a gradient spike into a step
-                # larger than λ (a scale-free direction has no normalizer to go stale).
-                * jnp.where(
-                    self.normalized_directions,
-                    jnp.minimum(1.0, state.refresh_gradient_norms / grad_norms)[:, None],
-                    1.0,
-                )
-            )
-            leaves, treedef = jax.tree.flatten(grads)
-            steps = [
-                sum(coefficients[i, p] * d for p, d in enumerate(directions))
-                for i, directions in enumerate(self.base_directions(grads, mu, nu_hat()))
-            ]
-            if not c.averages:
-                new_leaves = [s.astype(g.dtype) for s, g in zip(steps, leaves)]
-                return jax.tree.unflatten(treedef, new_leaves), state
-            return self._averaged_step(steps, treedef, state, params, controls, num_steps)
-
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-    def _averaged_step(
-        self,
-        steps: list[jax.Array],
-        treedef: Any,
-        state: L3RSState,
-        params: optax.Params,
-        controls: Controls,
-        num_steps: int,
-    ) -> tuple[optax.Updates, L3RSState]:
-        """Schedule-free's interpolation (Defazio et al., 2024) around the rule's steps.
-
-        The rule's step moves the fast iterate ``z``; ``x`` averages the ``z``'s (weights
-        from :meth:`averaging_weight`), and the parameters, where the next gradient is taken,
-        are ``y = β·x + (1 − β)·z`` with a learned per-layer β. Taking gradients between the
-        fast iterate and its average is what lets schedule-free AdamW run a step ~30× larger
-        than Adam's stably; a bare average of Adam's iterates does not reproduce its lead.
-        At the horizon's last step β is 1, so a run of the planned length ends on ``x``.
-        """
-        count = state.count
-        weight = self.averaging_weight(count, num_steps)
-        average_weight = state.average_weight + weight
-        share = weight / jnp.maximum(average_weight, 1e-30)
-        interpolation = jnp.where(count >= num_steps, 1.0, controls.interpolation)
-        updates, fast = [], []
-        for i, (step, y, z) in enumerate(
-            zip(steps, jax.tree.leaves(params), jax.tree.leaves(state.fast_iterate))
-        ):
-            beta = interpolation[i]
-            x = _average(y, z, state.interpolation[i])
-            z = z + step.astype(z.dtype)
-            x = x + share * (z - x)
-            updates.append((beta * x + (1.0 - beta) * z - y).astype(y.dtype))
-            fast.append(z)
-        return jax.tree.unflatten(treedef, updates), state._replace(
-            fast_iterate=jax.tree.unflatten(treedef, fast),
-            interpolation=interpolation,
-            average_weight=average_weight,
-        )
-
     @property
     def normalized_directions(self) -> np.ndarray:
         """Per direction ``[P]``, whether it is scaled to unit RMS at refreshes."""
@@ -785,12 +765,6 @@ class L3RS:
         correction = (1.0 - c.b1 ** _last_refresh(t, c.control_interval)) / (1.0 - c.b1**t)
         uses_m = jnp.asarray([d in ("adam", "momentum") for d in c.directions])
         return jnp.where(uses_m, correction, 1.0)
-
-    def controls_in_effect(self, state: L3RSState, num_steps: int) -> Controls:
-        """The controls of the step that produced ``state`` (also for analysis and plots): the
-        last refresh's MLP output under this step's step-size prior."""
-        prior = self.step_size_prior(state.count, num_steps)
-        return state.controls._replace(learning_rates=state.controls.learning_rates * prior)
 
 
 def constant_meta_params(

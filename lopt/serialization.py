@@ -10,9 +10,17 @@ A base model directory::
 
 An optimizer directory::
 
-    optimizer.json        {"format": "lopt.l3rs", "format_version": 1, "config": L3RSConfig,
+    optimizer.json        {"format": "lopt.l3rs", "format_version": 2, "config": L3RSConfig,
                            "layout": LayerLayout, "horizon": T used in meta-training, ...}
     meta_params.msgpack   θ
+
+The optimizer format's versions, each read explicitly (an older header is upgraded one version
+at a time, :data:`_OPTIMIZER_UPGRADES`, so the rest of lopt sees only the current one):
+
+1. ``config`` holds the L3RSConfig fields that existed when it was written: a field added
+   later is absent, and means the behaviour from before it existed (:data:`_V1_ADDED_FIELDS`).
+2. ``config`` holds every field of L3RSConfig. Adding a field is a new version, with an
+   upgrade that says what its absence meant.
 """
 
 from __future__ import annotations
@@ -26,12 +34,28 @@ import jax
 import numpy as np
 from flax import serialization
 
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, MetaParams
+from lopt.l3rs import L3RS, L3RSConfig, MetaParams
+from lopt.layout import LayerLayout
 from lopt.models import ModelSpec, Params, init_params
 
 MODEL_FORMAT = "lopt.model"
 OPTIMIZER_FORMAT = "lopt.l3rs"
-FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 1
+OPTIMIZER_FORMAT_VERSION = 2
+
+# The L3RSConfig fields added after format version 1 was introduced, with the values that keep
+# the behaviour of an optimizer saved before each existed: no step-size priors, a controller
+# refreshed every step, no averaging, unit-RMS directions. The others are inert under these.
+_V1_ADDED_FIELDS: dict[str, Any] = {
+    "schedule": "constant",
+    "reference_horizon": 200,
+    "horizon_exponent": 0.0,
+    "control_interval": 1,
+    "averaging": "none",
+    "interpolation": 0.9,
+    "warmup_fraction": 0.05,
+    "normalization": "unit_rms",
+}
 
 T = TypeVar("T")
 
@@ -71,7 +95,8 @@ def load_pytree(path: Path) -> Any:
     return tree
 
 
-def _read_header(path: Path, expected_format: str) -> dict[str, Any]:
+def _read_header(path: Path, expected_format: str, versions: tuple[int, ...]) -> dict[str, Any]:
+    """The JSON header at ``path``, checked to be ``expected_format`` at one of ``versions``."""
     if not path.is_file():
         raise FormatError(path, f"is missing: not a {expected_format} directory.")
     try:
@@ -82,12 +107,34 @@ def _read_header(path: Path, expected_format: str) -> dict[str, Any]:
         raise FormatError(path, f"holds a JSON {type(header).__name__}, expected an object.")
     if header.get("format") != expected_format:
         raise FormatError(path, f"holds {header.get('format')!r}, expected {expected_format!r}.")
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version not in versions:
         raise FormatError(
             path,
-            f"has format version {header.get('format_version')}; this lopt reads version "
-            f"{FORMAT_VERSION}. Upgrade lopt or re-register the artifact.",
+            f"has format version {version!r}; this lopt reads "
+            f"{'version' if len(versions) == 1 else 'versions'} {', '.join(map(str, versions))}. "
+            "Upgrade lopt or re-register the artifact.",
         )
+    return header
+
+
+def _config_v1_to_v2(header: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 optimizer header as version 2: every config field present, those that
+    did not exist yet at the values that keep the saved optimizer's behaviour."""
+    config = header.get("config")
+    if isinstance(config, dict):  # anything else is reported by the config's parser
+        header = {**header, "config": {**_V1_ADDED_FIELDS, **config}}
+    return {**header, "format_version": 2}
+
+
+# Version n's header to version n + 1's.
+_OPTIMIZER_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _config_v1_to_v2}
+
+
+def _upgraded(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` (of any version :func:`_read_header` accepted) as the current version."""
+    while header["format_version"] < OPTIMIZER_FORMAT_VERSION:
+        header = _OPTIMIZER_UPGRADES[header["format_version"]](header)
     return header
 
 
@@ -161,7 +208,7 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def write_model(directory: Path, spec: ModelSpec, params: Params, extra: Mapping[str, Any] = {}) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    header = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(), **extra}
+    header = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "spec": spec.to_json(), **extra}
     (directory / "model.json").write_text(json.dumps(header, indent=2, sort_keys=True))
     save_pytree(directory / "params.msgpack", params)
     return directory
@@ -172,7 +219,7 @@ def read_model(directory: Path) -> tuple[ModelSpec, Params, dict[str, Any]]:
     naming the file: a missing or malformed ``spec``, params that are missing, truncated, not
     float32, not finite or not the shapes the spec's network has."""
     path = directory / "model.json"
-    header = _read_header(path, MODEL_FORMAT)
+    header = _read_header(path, MODEL_FORMAT, (MODEL_FORMAT_VERSION,))
     spec = _parse_field(path, header, "spec", ModelSpec.from_json)
     params_path = directory / "params.msgpack"
     params = load_pytree(params_path)
@@ -194,7 +241,7 @@ def write_optimizer(
     directory.mkdir(parents=True, exist_ok=True)
     header = {
         "format": OPTIMIZER_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": OPTIMIZER_FORMAT_VERSION,
         "config": l3rs.config.to_json(),
         "layout": l3rs.layout.to_json(),
         "horizon": horizon,
@@ -207,7 +254,8 @@ def write_optimizer(
 
 
 def read_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
-    """Architecture, θ and header of an optimizer directory.
+    """Architecture, θ and header of an optimizer directory, of any format version this lopt
+    reads (the header returned is upgraded to the current version).
 
     Every failure is a :class:`FormatError` naming the file: a missing or malformed
     ``config``/``layout``/``horizon`` in ``optimizer.json``, a ``meta_params.msgpack`` that is
@@ -215,7 +263,8 @@ def read_optimizer(directory: Path) -> tuple[L3RS, MetaParams, dict[str, Any]]:
     for (names and shapes), float32 and finite.
     """
     path = directory / "optimizer.json"
-    header = _read_header(path, OPTIMIZER_FORMAT)
+    readable = (*_OPTIMIZER_UPGRADES, OPTIMIZER_FORMAT_VERSION)
+    header = _upgraded(_read_header(path, OPTIMIZER_FORMAT, readable))
     config = _parse_field(path, header, "config", L3RSConfig.from_json)
     layout = _parse_field(path, header, "layout", LayerLayout.from_json)
     _parse_field(path, header, "horizon", _positive_int)

@@ -384,13 +384,12 @@ def _selection_scores(
     spec = info["spec"]
     family = load_task_family(cfg.family, spec.input_shape, _data_dir(data_dir))
     keys = jax.random.split(jax.random.key(SELECTION_SEED), cfg.selection_tasks)
-    first = candidates[0][0]
     scores = []
     for l3rs, theta, _ in candidates:
         # The unroll inside is jitted with the architecture as a static argument: candidates
         # of one architecture share a compilation.
         objective = FinalValidationLoss(
-            _shared_architecture(first, l3rs), spec, pretrained, family, cfg.horizon,
+            l3rs, spec, pretrained, family, cfg.horizon,
             cfg.batch_size, start=cfg.start,
         )
         # One host sync per candidate, not one per task.
@@ -461,13 +460,6 @@ def _current_champion(
     return l3rs, theta, info
 
 
-def _shared_architecture(candidate: L3RS, other: L3RS) -> L3RS:
-    """``candidate`` when ``other`` is the same architecture: the compiled unrolls take the
-    optimizer factory as a static argument, so one object means one compilation for both θ."""
-    same = other.config == candidate.config and other.layout == candidate.layout
-    return candidate if same else other
-
-
 @_records_failure("validate")
 def validate_optimizer(
     base_model_uri: str,
@@ -505,7 +497,7 @@ def validate_optimizer(
         print(f"validate: comparing with the champion {champion_info['uri']}"
               + (f" — not compared: {champion_info['note']}" if not champion_info["compared"] else ""))
         if champion_l3rs is not None:
-            champion_arg = (_shared_architecture(l3rs, champion_l3rs), champion_theta, champion_info)
+            champion_arg = (champion_l3rs, champion_theta, champion_info)
     report = validate(
         l3rs, theta, spec, checkpoints, config.validation, header["horizon"], _data_dir(data_dir),
         champion=champion_arg,

@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 import lopt
 from lopt import registry, serialization
 from lopt.hub import fetch_files, register_base_model, register_optimizer
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+from lopt.l3rs import L3RS, L3RSConfig
+from lopt.layout import LayerLayout
 from lopt.models import ModelSpec, init_params
 from pipeline import cli
 

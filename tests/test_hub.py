@@ -11,7 +11,8 @@ import pytest
 import lopt
 from lopt import registry
 from lopt.hub import promote_optimizer, register_base_model, register_optimizer
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+from lopt.l3rs import L3RS, L3RSConfig
+from lopt.layout import LayerLayout
 from lopt.models import ModelSpec, init_params, with_fresh_head
 
 SPEC = ModelSpec(num_classes=4, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)

@@ -88,7 +88,8 @@ def test_meta_training_needs_neither_mlflow_nor_tfds():
         import jax, jax.numpy as jnp
         from lopt import models
         from lopt.config import get_config
-        from lopt.l3rs import L3RS, LayerLayout
+        from lopt.l3rs import L3RS
+        from lopt.layout import LayerLayout
         from lopt.meta_training import make_estimator
         from lopt.serialization import read_model, write_model
         from lopt.tasks import TaskFamily, TaskFamilySpec

@@ -14,7 +14,8 @@ from lopt import registry
 from lopt.config import GateConfig, get_config
 from lopt.evaluation import RunResult
 from lopt.hub import promote_optimizer, register_base_model, register_optimizer
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+from lopt.l3rs import L3RS, L3RSConfig
+from lopt.layout import LayerLayout
 from lopt.lineage import data_hash
 from lopt.models import ModelSpec, init_params, with_fresh_head
 from lopt.steps import data_lineage, retrain_decision
@@ -178,7 +179,8 @@ _CONCURRENT = textwrap.dedent("""
     import jax
     from lopt import registry
     from lopt.hub import promote_optimizer, register_optimizer
-    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.l3rs import L3RS, L3RSConfig
+    from lopt.layout import LayerLayout
     from lopt.models import ModelSpec, init_params, with_fresh_head
 
     uri, base_name, go = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -249,17 +251,6 @@ def test_plots_and_html_report_render_from_a_report(tmp_path):
     assert all(path.stat().st_size > 10_000 for path in figures.values())
     page = plots.write_html(report, figures, tmp_path / "index.html", "title").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Gate: PASSED" in page and "1.0.0" in page
-
-
-def test_a_champion_of_the_same_architecture_reuses_the_candidates_compilation():
-    from lopt.steps import _shared_architecture
-
-    params = init_params(SPEC, jax.random.key(0))
-    layout = LayerLayout.from_params(params)
-    candidate = L3RS(L3RSConfig(), layout)
-    assert _shared_architecture(candidate, L3RS(L3RSConfig(), layout)) is candidate
-    other = L3RS(L3RSConfig(hidden_size=8), layout)
-    assert _shared_architecture(candidate, other) is other
 
 
 def test_selection_passes_a_single_or_skipped_candidate_through_unscored(tmp_path):

@@ -15,7 +15,8 @@ from lopt import models
 from lopt.config import get_config
 from lopt.es import AntitheticES, _combine_ranked
 from lopt.estimator import MIN_LOG_LOSS, Estimate, FinalValidationLoss, clipped_log
-from lopt.l3rs import L3RS, L3RSConfig, LayerLayout, eval_params
+from lopt.l3rs import L3RS, L3RSConfig, eval_params
+from lopt.layout import LayerLayout
 from lopt.meta_training import RandomHorizon, log_uniform_weights, make_estimator
 from lopt.task_augmentation import (
     TaskAugmentation,

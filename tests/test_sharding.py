@@ -15,7 +15,8 @@ SCRIPT = textwrap.dedent(
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from lopt import models
-    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.l3rs import L3RS, L3RSConfig
+    from lopt.layout import LayerLayout
     from lopt.es import AntitheticES
     from lopt.estimator import FinalValidationLoss, sample_devices
     from lopt.meta_training import meta_train
@@ -55,7 +56,8 @@ def _initial_theta() -> np.ndarray:
     import jax
 
     from lopt import models
-    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.l3rs import L3RS, L3RSConfig
+    from lopt.layout import LayerLayout
 
     spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)
     layout = LayerLayout.from_params(models.init_params(spec, jax.random.key(0)))

@@ -157,7 +157,8 @@ def test_es_rejects_bad_settings():
 
 def test_backprop_estimator_differentiates_whole_unrolls_at_every_horizon():
     from lopt.config import get_config
-    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.l3rs import L3RS, L3RSConfig
+    from lopt.layout import LayerLayout
     from lopt.meta_training import make_estimator
     from lopt.truncated_backprop import TruncatedBackprop
 
@@ -173,7 +174,8 @@ def test_backprop_estimator_differentiates_whole_unrolls_at_every_horizon():
 def test_truncated_backprop_gives_a_finite_gradient_that_descends():
     import numpy as onp
 
-    from lopt.l3rs import L3RS, L3RSConfig, LayerLayout
+    from lopt.l3rs import L3RS, L3RSConfig
+    from lopt.layout import LayerLayout
     from lopt.tasks import TaskFamily, TaskFamilySpec
     from lopt.truncated_backprop import TruncatedBackprop
 
