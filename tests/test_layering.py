@@ -1,6 +1,7 @@
-"""The dependency rules of docs/design.md §2, checked: the core never imports kfp, only its registry
-module imports MLflow, and meta-training runs from arrays where neither MLflow nor TFDS is
-installed (an accelerator machine, ``benchmarks/es_pairs.py``)."""
+"""The dependency rules of docs/design.md §2, checked: the core never imports kfp nor the
+application built on it (``pipeline/``, ``components/``), only its registry module imports
+MLflow, the pipeline's steps run without kfp, and meta-training runs from arrays where neither
+MLflow nor TFDS is installed (an accelerator machine, ``benchmarks/es_pairs.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-LOPT = Path(__file__).resolve().parents[1] / "lopt"
+ROOT = Path(__file__).resolve().parents[1]
+LOPT = ROOT / "lopt"
+STEPS = ROOT / "pipeline" / "steps"
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -28,6 +31,17 @@ def test_core_never_imports_kfp_and_only_the_registry_imports_mlflow():
     assert len(imports) > 10
     assert [name for name, packages in imports.items() if "kfp" in packages] == []
     assert [name for name, packages in imports.items() if "mlflow" in packages] == ["registry.py"]
+
+
+def test_the_library_never_imports_the_application():
+    imports = {str(p.relative_to(LOPT)): _imported_packages(p) for p in LOPT.rglob("*.py")}
+    assert [name for name, packages in imports.items() if packages & {"pipeline", "components"}] == []
+
+
+def test_the_pipelines_steps_are_plain_python():
+    imports = {str(p.relative_to(STEPS)): _imported_packages(p) for p in STEPS.rglob("*.py")}
+    assert "context.py" in imports
+    assert [name for name, packages in imports.items() if packages & {"kfp", "components"}] == []
 
 
 def test_meta_training_needs_neither_mlflow_nor_tfds():
