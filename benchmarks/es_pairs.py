@@ -75,11 +75,12 @@ def export(args: argparse.Namespace) -> None:
 
     paths.pin_home(args.home, create=False)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from lopt import registry, steps
+    from lopt import registry
     from lopt.hub import load_pretrained
     from lopt.tasks import load_task_family
+    from pipeline.steps import StepContext, prepare_base_model
 
-    base = steps.prepare_base_model(BASE_MODEL, "default", "", "", "")
+    base = prepare_base_model(ctx=StepContext.create(budget="default"), base_model=BASE_MODEL)
     registry.end_run(base["run_id"], "FINISHED")
     _, pretrained, info = load_pretrained(base["base_model_uri"])
     spec = info["spec"]

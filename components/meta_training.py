@@ -24,12 +24,15 @@ def meta_train(
     from lopt.host import use_all_cores
 
     use_all_cores()  # before JAX starts: one CPU device per core the pod may use
-    from lopt import steps
+    from pipeline.steps import StepContext, meta_train_optimizer
 
     with open(context.path) as f:
-        ctx = json.load(f)
-    summary = steps.meta_train_optimizer(
-        ctx["base_model_uri"], optimizer.path, ctx["run_id"], budget, overrides, tracking_uri,
-        data_dir, retrain=ctx["retrain"], reason=ctx["reason"], variant=variant,
+        first = json.load(f)
+    ctx = StepContext.create(
+        budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir,
+        base_model_uri=first["base_model_uri"], run_id=first["run_id"],
+    )
+    summary = meta_train_optimizer(
+        ctx=ctx, output_dir=optimizer.path, retrain=first["retrain"], reason=first["reason"], variant=variant,
     )
     optimizer.metadata.update({k: v for k, v in summary.items() if v is not None})

@@ -20,10 +20,13 @@ def register(
     """Returns a JSON summary: registered name, version, aliases and the validation table."""
     import json
 
-    from lopt import steps
+    from pipeline.steps import StepContext, register_validated_optimizer
 
-    summary = steps.register_validated_optimizer(
-        base_model_uri, optimizer.path, report.path, run_id, tracking_uri, pipeline_run,
-        budget, overrides, data_dir,
+    ctx = StepContext.create(
+        budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir,
+        base_model_uri=base_model_uri, run_id=run_id,
+    )
+    summary = register_validated_optimizer(
+        ctx=ctx, optimizer_dir=optimizer.path, report_path=report.path, pipeline_run=pipeline_run,
     )
     return json.dumps(summary)

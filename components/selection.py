@@ -23,10 +23,13 @@ def select_best(
     from lopt.host import use_all_cores
 
     use_all_cores()  # before JAX starts: one CPU device per core the pod may use
-    from lopt import steps
+    from pipeline.steps import StepContext, select_optimizer
 
-    selection = steps.select_optimizer(
-        [candidate.path for candidate in candidates], optimizer.path, base_model_uri, run_id,
-        budget, overrides, tracking_uri, data_dir,
+    ctx = StepContext.create(
+        budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir,
+        base_model_uri=base_model_uri, run_id=run_id,
+    )
+    selection = select_optimizer(
+        ctx=ctx, candidate_dirs=[candidate.path for candidate in candidates], output_dir=optimizer.path,
     )
     optimizer.metadata.update({"selected_variant": selection["selected_variant"]})

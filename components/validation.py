@@ -19,11 +19,14 @@ def validate(
     html: Output[HTML],
 ):
     """Writes the validation report (JSON) and logs its headline numbers as KFP metrics."""
-    from lopt import steps
+    from pipeline.steps import StepContext, validate_optimizer
 
-    data = steps.validate_optimizer(
-        base_model_uri, optimizer.path, report.path, run_id, budget, overrides, tracking_uri,
-        data_dir, html_path=html.path,
+    ctx = StepContext.create(
+        budget=budget, overrides=overrides, tracking_uri=tracking_uri, data_dir=data_dir,
+        base_model_uri=base_model_uri, run_id=run_id,
+    )
+    data = validate_optimizer(
+        ctx=ctx, optimizer_dir=optimizer.path, report_path=report.path, html_path=html.path,
     )
     if data.get("skipped"):
         with open(html.path, "w") as f:

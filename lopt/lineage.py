@@ -3,8 +3,8 @@
 Every registered optimizer records its base model (name and version), the datasets it was
 meta-trained and validated on (TFDS name and version, and a content hash of the bytes
 actually used), the config hash, the code version and the pipeline run. The same functions
-compute these for a version being registered and for the staleness check
-(:func:`lopt.steps.retrain_decision`), so "same data" means the same hash either way.
+compute these for a version being registered and for the pipeline's staleness check
+(``pipeline/steps/staleness.py``), so "same data" means the same hash either way.
 """
 
 from __future__ import annotations

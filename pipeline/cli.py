@@ -99,14 +99,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
     from lopt import registry
-    from lopt.steps import check_inputs
     from pipeline.pipeline import l3rs_pipeline
+    from pipeline.steps import StepContext, check_inputs
 
     from lopt.config import with_suite
 
     overrides = with_suite(args.overrides, args.suite)
     # Bad budget, override or dataset name: a clear error now, not a failed step later.
-    check_inputs(args.budget, overrides, str(paths.data_dir()))
+    check_inputs(ctx=StepContext.create(budget=args.budget, overrides=overrides, data_dir=str(paths.data_dir())))
     variants = _variants(args, args.budget, overrides)
     parameter_uri = tracking_uri
     if registry.redact(tracking_uri) != tracking_uri:
@@ -146,7 +146,7 @@ def _failure(tracking_uri: str, started_ms: int) -> str:
     """What ``lopt run`` says when a step failed: the step and its error, from the MLflow run
     this run opened (its tags), and what to do."""
     from lopt import registry
-    from lopt.steps import ERROR_TAG, EXPERIMENT, FAILED_STEP_TAG
+    from pipeline.steps import ERROR_TAG, EXPERIMENT, FAILED_STEP_TAG
 
     # Oldest first: this command's run started before any that began while it ran.
     runs = registry.find_runs(EXPERIMENT, None, tracking_uri, started_after_ms=started_ms)[::-1]
@@ -220,12 +220,13 @@ def cmd_retrain_check(args: argparse.Namespace) -> int:
     paths.pin_home(args.home, create=True)
     tracking_uri = _tracking_uri(args)
     from lopt.config import with_suite
-    from lopt.steps import retrain_decision
+    from pipeline.steps import StepContext, retrain_decision
 
-    decision = retrain_decision(
-        args.base_model, args.budget, with_suite(args.overrides, args.suite),
-        tracking_uri, str(paths.data_dir()),
+    ctx = StepContext.create(
+        budget=args.budget, overrides=with_suite(args.overrides, args.suite),
+        tracking_uri=tracking_uri, data_dir=str(paths.data_dir()),
     )
+    decision = retrain_decision(ctx=ctx, base_model=args.base_model)
     print(("retrain: " if decision["retrain"] else "up to date: ") + decision["reason"])
     if args.json:
         print(json.dumps(decision, indent=1))

@@ -9,7 +9,7 @@ memory it needs.
 
 The whole graph sits in a ``dsl.ExitHandler`` whose exit task, ``finish-run``, runs last
 whatever happened: the register step closes the pipeline's MLflow run FINISHED and a failing
-step closes it FAILED with its error (:func:`lopt.steps.record_failure`); the exit task ends
+step closes it FAILED with its error (:func:`pipeline.steps.record_failure`); the exit task ends
 a run still RUNNING (a step killed without a word) FAILED, fails itself for a failed run, and
 is the pipeline's output (a pipeline output cannot come from inside the handler): the
 register step's summary, read back from the MLflow run.

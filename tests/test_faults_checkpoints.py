@@ -107,13 +107,14 @@ def test_an_edit_of_the_lopt_sources_changes_the_key(tmp_path):
 
 @pytest.mark.slow  # ~30 s: MLflow store, the base model, the data and one compiled ES meta-training
 def test_the_meta_training_step_resumes_only_with_the_same_code_and_data(tmp_path, monkeypatch):
-    """``steps.meta_train_optimizer`` (what the pipeline's meta-train component runs) picks its
+    """``meta_train_optimizer`` (what the pipeline's meta-train component runs) picks its
     checkpoint directory by base model, config, code and data."""
-    from lopt import registry, steps
+    from lopt import registry
     from lopt.config import get_config
     from lopt.hub import register_base_model
     from lopt.models import ModelSpec, init_params
     from lopt.tasks import load_task_family
+    from pipeline.steps import StepContext, meta_train_optimizer
 
     monkeypatch.setenv("LOPT_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -126,8 +127,10 @@ def test_the_meta_training_step_resumes_only_with_the_same_code_and_data(tmp_pat
     base = "models:/cnn-ckpt/1"
     overrides = json.dumps({"meta_train": {"horizon": 4, "meta_steps": 2, "checkpoint_every": 1}})
 
+    ctx = StepContext.create(budget="tiny", overrides=overrides, tracking_uri=uri).for_run(base_model_uri=base, run_id=run_id)
+
     def meta_train(out: str) -> dict:
-        return steps.meta_train_optimizer(base, str(tmp_path / out), run_id, "tiny", overrides, uri, progress=False)
+        return meta_train_optimizer(ctx=ctx, output_dir=str(tmp_path / out), progress=False)
 
     assert meta_train("first")["resumed_from"] is None
     config = get_config("tiny", overrides)

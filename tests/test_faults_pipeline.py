@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from lopt import registry, steps
+from lopt import registry
 from lopt.config import get_config
 from lopt.schema import ConfigError
-from pipeline import cli
+from pipeline import cli, steps
+from pipeline.steps import StepContext
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -90,7 +91,8 @@ def test_submit_and_a_variant_are_checked_before_the_cluster_is_contacted(home, 
 def test_the_pipelines_first_step_rejects_a_bad_override_before_opening_a_run(home):
     # What a run submitted straight to a cluster (the KFP UI's parameters) meets.
     with pytest.raises(ConfigError, match=r"meta_train\.meta_steps must be an integer >= 0"):
-        steps.prepare_base_model("cnn-mnist", "tiny", '{"meta_train": {"meta_steps": "ten"}}', _uri(home))
+        ctx = StepContext.create(budget="tiny", overrides='{"meta_train": {"meta_steps": "ten"}}', tracking_uri=_uri(home))
+        steps.prepare_base_model(ctx=ctx, base_model="cnn-mnist")
     assert not (home / "mlflow.db").exists()
 
 
@@ -156,8 +158,8 @@ def test_a_failing_step_ends_the_run_failed_with_its_error_and_reraises(home):
     run_id = registry.start_run(steps.EXPERIMENT, tracking_uri=uri, tags={"pipeline_run": "p-validate"})
     missing = home / "no-such-optimizer"
     with pytest.raises(Exception) as raised:  # whatever the optimizer's loader raises, it goes on
-        steps.validate_optimizer("models:/cnn-mnist/1", str(missing), str(home / "report.json"), run_id,
-                                 "tiny", "", uri)
+        ctx = StepContext.create(budget="tiny", tracking_uri=uri).for_run(base_model_uri="models:/cnn-mnist/1", run_id=run_id)
+        steps.validate_optimizer(ctx=ctx, optimizer_dir=str(missing), report_path=str(home / "report.json"))
     error = f"{type(raised.value).__name__}: {raised.value}"
     run = _run(run_id, uri)
     assert run.info.status == "FAILED"
@@ -165,7 +167,7 @@ def test_a_failing_step_ends_the_run_failed_with_its_error_and_reraises(home):
     assert run.data.tags[steps.ERROR_TAG] == error and "no-such-optimizer" in error
     # The exit task then fails the pipeline with that error, and leaves the run as it is.
     with pytest.raises(steps.PipelineRunFailed, match=f"step validate failed: {type(raised.value).__name__}"):
-        steps.finish_pipeline_run("p-validate", uri)
+        steps.finish_pipeline_run(pipeline_run="p-validate", tracking_uri=uri)
     assert _run(run_id, uri).data.tags[steps.FAILED_STEP_TAG] == "validate"
 
 
@@ -173,7 +175,7 @@ def test_the_exit_task_closes_a_run_that_a_killed_step_left_running(home):
     uri = _uri(home)
     run_id = registry.start_run(steps.EXPERIMENT, tracking_uri=uri, tags={"pipeline_run": "p-killed"})
     with pytest.raises(steps.PipelineRunFailed, match="stopped without reporting an error"):
-        steps.finish_pipeline_run("p-killed", uri)
+        steps.finish_pipeline_run(pipeline_run="p-killed", tracking_uri=uri)
     run = _run(run_id, uri)
     assert run.info.status == "FAILED"
     assert run.data.tags[steps.FAILED_STEP_TAG] == "unknown"
@@ -183,12 +185,12 @@ def test_the_exit_task_closes_a_run_that_a_killed_step_left_running(home):
 def test_the_exit_task_returns_the_summary_of_a_finished_run_and_fails_without_one(home):
     uri = _uri(home)
     with pytest.raises(steps.PipelineRunFailed, match="before its first step opened its MLflow run"):
-        steps.finish_pipeline_run("p-never-started", uri)
+        steps.finish_pipeline_run(pipeline_run="p-never-started", tracking_uri=uri)
     run_id = registry.start_run(steps.EXPERIMENT, tracking_uri=uri, tags={"pipeline_run": "p-done"})
     summary = {"optimizer": "l3rs-x", "version": 3, "skipped": False}
     registry.log_text(run_id, json.dumps(summary), steps.SUMMARY, uri)
     registry.end_run(run_id, "FINISHED", uri)
-    assert steps.finish_pipeline_run("p-done", uri) == summary
+    assert steps.finish_pipeline_run(pipeline_run="p-done", tracking_uri=uri) == summary
     assert _run(run_id, uri).info.status == "FINISHED"
 
 

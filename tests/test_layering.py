@@ -1,7 +1,8 @@
-"""The dependency rules of docs/design.md §2, checked: the core never imports kfp, only its registry
-module imports MLflow, its modules import each other one way (no cycle), and meta-training runs
-from arrays where neither MLflow nor TFDS is installed (an accelerator machine,
-``benchmarks/es_pairs.py``)."""
+"""The dependency rules of docs/design.md §2, checked: the core never imports kfp nor the
+application built on it (``pipeline/``, ``components/``), only its registry module imports
+MLflow, its modules import each other one way (no cycle), the pipeline's steps run without kfp,
+and meta-training runs from arrays where neither MLflow nor TFDS is installed (an accelerator
+machine, ``benchmarks/es_pairs.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-LOPT = Path(__file__).resolve().parents[1] / "lopt"
+ROOT = Path(__file__).resolve().parents[1]
+LOPT = ROOT / "lopt"
+STEPS = ROOT / "pipeline" / "steps"
 
 
 def _module_name(path: Path) -> str:
@@ -72,6 +75,17 @@ def test_every_configurable_estimator_is_built_by_one_factory():
     from lopt.meta_training import ESTIMATOR_FACTORIES
 
     assert sorted(ESTIMATOR_FACTORIES) == sorted(ESTIMATORS)
+
+
+def test_the_library_never_imports_the_application():
+    imports = {str(p.relative_to(LOPT)): _imported_packages(p) for p in LOPT.rglob("*.py")}
+    assert [name for name, packages in imports.items() if packages & {"pipeline", "components"}] == []
+
+
+def test_the_pipelines_steps_are_plain_python():
+    imports = {str(p.relative_to(STEPS)): _imported_packages(p) for p in STEPS.rglob("*.py")}
+    assert "context.py" in imports
+    assert [name for name, packages in imports.items() if packages & {"kfp", "components"}] == []
 
 
 def test_meta_training_needs_neither_mlflow_nor_tfds():

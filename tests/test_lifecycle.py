@@ -18,8 +18,8 @@ from lopt.l3rs import L3RS, L3RSConfig
 from lopt.layout import LayerLayout
 from lopt.lineage import data_hash
 from lopt.models import ModelSpec, init_params, with_fresh_head
-from lopt.steps import data_lineage, retrain_decision
 from lopt.validation import SuiteRow, decide
+from pipeline.steps import StepContext, data_lineage, retrain_decision
 
 STEPS = (0, 50, 100)
 
@@ -151,18 +151,20 @@ def test_staleness_follows_the_base_models_champion_config_and_data(store):
         "config_hash": config.hash(),
         "data_hash": data_hash(data_lineage(config, SPEC.input_shape)),
     }
-    decision = retrain_decision(base, budget, tracking_uri=uri)
+    ctx = StepContext.create(budget=budget, tracking_uri=uri)
+    decision = retrain_decision(ctx=ctx, base_model=base)
     assert decision["retrain"] and "has no champion" in decision["reason"]
     name, version = _register(store, tags)
     promote_optimizer(name, version, None, uri)
-    decision = retrain_decision(base, budget, tracking_uri=uri)
+    decision = retrain_decision(ctx=ctx, base_model=base)
     assert not decision["retrain"], decision["reason"]
     assert "up to date" in decision["reason"]
-    changed = retrain_decision(base, budget, '{"meta_train": {"meta_steps": 5}}', tracking_uri=uri)
+    changed_ctx = StepContext.create(budget=budget, overrides='{"meta_train": {"meta_steps": 5}}', tracking_uri=uri)
+    changed = retrain_decision(ctx=changed_ctx, base_model=base)
     assert changed["retrain"] and "config changed" in changed["reason"]
     # The base model's champion moves to a new version: the optimizer is stale.
     _register_base(store, base)
-    decision = retrain_decision(base, budget, tracking_uri=uri)
+    decision = retrain_decision(ctx=ctx, base_model=base)
     assert decision["retrain"] and "moved" in decision["reason"] and "now v2" in decision["reason"]
 
 
@@ -253,26 +255,3 @@ def test_plots_and_html_report_render_from_a_report(tmp_path):
     assert page.count("data:image/png;base64,") == 3 and "Gate: PASSED" in page and "1.0.0" in page
 
 
-def test_selection_passes_a_single_or_skipped_candidate_through_unscored(tmp_path):
-    from lopt.serialization import write_optimizer
-    from lopt.steps import SELECTION, SKIPPED, select_optimizer
-
-    params = init_params(SPEC, jax.random.key(0))
-    l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
-    dirs = []
-    for seed in (0, 1):
-        d = tmp_path / f"candidate{seed}"
-        write_optimizer(d, l3rs, l3rs.init(jax.random.key(seed)), 30, {"meta_training": {"variant": f'{{"meta_train": {{"seed": {seed}}}}}'}})
-        dirs.append(str(d))
-    # One candidate: no scoring (no registry, no data needed), copied with its record.
-    one = select_optimizer(dirs[1:], str(tmp_path / "one"), "models:/unused/1", "no-run")
-    assert one == {"selected": 0, "selected_variant": "seed:1", "candidates": [{"variant": "seed:1", "score": None}]}
-    assert (tmp_path / "one" / "meta_params.msgpack").read_bytes() == (tmp_path / "candidate1" / "meta_params.msgpack").read_bytes()
-    assert json.loads((tmp_path / "one" / SELECTION).read_text()) == one
-    # Skipped meta-training: every candidate is the champion; the first goes on, still skipped.
-    for d in dirs:
-        (tmp_path / d / SKIPPED).write_text(json.dumps({"skipped": True}))
-    skipped = select_optimizer(dirs, str(tmp_path / "skip"), "models:/unused/1", "no-run")
-    assert skipped["selected"] == 0 and (tmp_path / "skip" / SKIPPED).is_file()
-    with pytest.raises(ValueError, match="no meta-training candidates|produced none"):
-        select_optimizer([], str(tmp_path / "none"), "models:/unused/1", "no-run")
