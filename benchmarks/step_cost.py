@@ -10,7 +10,7 @@ Two regimes are timed, since they stress different overheads:
 * ``python loop``: one jitted step per Python call (params and optimizer state donated), N calls,
   ``block_until_ready`` only at the end — how a downstream fine-tuning job runs.
 * ``scan``: N steps inside one jitted ``lax.scan``, each on a minibatch gathered on device —
-  how ``lopt.training.unroll`` runs inner training during meta-training and validation.
+  how ``lopt.inner.training.unroll`` runs inner training during meta-training and validation.
 
 N is chosen per model and batch size so that one measurement takes about ``--target-ms`` of
 Adam's time. Each round times every (regime, optimizer) once, optimizers in rotated order, so
@@ -44,11 +44,11 @@ import jaxlib
 import numpy as np
 import optax
 
-from lopt import models
+from lopt.inner import models
 from lopt.config import get_config
-from lopt.l3rs import L3RS
-from lopt.layout import LayerLayout
-from lopt.training import cross_entropy
+from lopt.optim.l3rs import L3RS
+from lopt.optim.layout import LayerLayout
+from lopt.inner.training import cross_entropy
 
 MODELS: dict[str, models.ModelSpec] = {
     # The default base model: the 38k-parameter CNN on 14×14×1 inputs.
@@ -126,7 +126,7 @@ def jit_runner(spec: models.ModelSpec, opt: Optimizer, regime: str) -> Callable:
 
     python loop: one step on the batch ``(images, labels)``. scan: one step per row of
     ``indices`` ``[K, B]``, each on the minibatch gathered from ``(images, labels)`` as
-    ``lopt.training.unroll`` does, so no work is loop-invariant for XLA to hoist out of the scan.
+    ``lopt.inner.training.unroll`` does, so no work is loop-invariant for XLA to hoist out of the scan.
     """
     train_step = make_train_step(spec, opt)
 

@@ -6,16 +6,16 @@ The public contract (docs/design.md §2)::
     model_fn, params, info = lopt.load_pretrained("models:/cnn-mnist@champion", num_classes=k)
     opt = lopt.fetch_optimizer("models:/l3rs-cnn-mnist@champion", num_steps=T)
 
-``lopt`` is pure JAX/optax/flax/TFDS; only :mod:`lopt.registry` talks to MLflow, and nothing
+``lopt`` is pure JAX/optax/flax/TFDS; only :mod:`lopt.store.registry` talks to MLflow, and nothing
 here imports kfp. The registry-backed functions are imported lazily, so code that only
-needs the optimizer or the data (``lopt.l3rs``, ``lopt.data``) never pays for importing MLflow.
+needs the optimizer or the data (``lopt.optim.l3rs``, ``lopt.data``) never pays for importing MLflow.
 """
 
 import importlib
 from typing import Any
 
-from lopt.l3rs import L3RS, L3RSConfig, L3RSState, eval_params
-from lopt.layout import LayerLayout, LayoutMismatchError
+from lopt.optim.l3rs import L3RS, L3RSConfig, L3RSState, eval_params
+from lopt.optim.layout import LayerLayout, LayoutMismatchError
 
 __version__ = "0.1.0"
 

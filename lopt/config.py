@@ -14,15 +14,15 @@ import hashlib
 import json
 from typing import Annotated, Any, Mapping
 
-from lopt.baselines import BASELINES
-from lopt.l3rs import L3RSConfig
-from lopt.models import STARTS, ModelSpec
+from lopt.optim.baselines import BASELINES
+from lopt.optim.l3rs import L3RSConfig
+from lopt.inner.models import STARTS, ModelSpec
 from lopt.paths import safe_name
 from lopt.schema import COUNT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, PROBABILITY, SEED, ConfigError, from_json
-from lopt.tasks import TaskFamilySpec, TaskSpec
+from lopt.inner.tasks import TaskFamilySpec, TaskSpec
 
 ESTIMATORS = ("es", "tbptt", "backprop")
-# The meta-objective, how ES weighs its pairs, how horizons are drawn (lopt.meta_training).
+# The meta-objective, how ES weighs its pairs, how horizons are drawn (lopt.meta.loop).
 OBJECTIVES = ("final", "final+speed")
 ES_NORMALIZATIONS = ("none", "sign", "rank")
 HORIZON_SAMPLING = ("uniform", "log_uniform")
@@ -55,18 +55,18 @@ class MetaTrainConfig:
 
     * ``objective``: ``"final"``, the log final validation loss, or ``"final+speed"``, which
       mixes in the mean log validation loss at ``speed_points`` evaluations along the run
-      with weight ``speed_weight`` (:class:`lopt.estimator.FinalValidationLoss`).
+      with weight ``speed_weight`` (:class:`lopt.meta.estimator.FinalValidationLoss`).
     * ``es_normalization``: ``"none"`` (raw ``f⁺ − f⁻``), ``"sign"`` or ``"rank"``: so that
-      no task dominates the estimate (:class:`lopt.es.AntitheticES`).
+      no task dominates the estimate (:class:`lopt.meta.es.AntitheticES`).
     * ``horizon_sampling``: ``"uniform"`` over ``horizons`` or ``"log_uniform"`` (each
-      weighted by its share of the log range, :func:`lopt.meta_training.log_uniform_weights`);
+      weighted by its share of the log range, :func:`lopt.meta.loop.log_uniform_weights`);
       e.g. ``horizons`` [100, 200, 400, 800, 1600] spans T/2..8T (each horizon compiles its
       own program, and on CPU an 8T meta-step costs ~8 T ones).
     * ``batch_sizes``: when set, each meta-step also draws its batch size from them (each a
       compilation); else every unroll uses ``batch_size``.
     * ``weight_scale``, ``tensor_scale``, ``head_init_scale``: task augmentation in the
       unroll, range factors ``f`` drawing from ``[1/f, f]`` (1: off); see
-      :mod:`lopt.task_augmentation` for what they do and the ranges that fit fine-tuning.
+      :mod:`lopt.inner.task_augmentation` for what they do and the ranges that fit fine-tuning.
 
     ``objective``, ``es_normalization`` and the augmentations are ES options: with
     ``estimator`` ``tbptt``/``backprop`` they must stay at their defaults.
@@ -84,7 +84,7 @@ class MetaTrainConfig:
     start: str = "pretrained"
     # "es" (antithetic ES, num_pairs × sigma), "backprop" (the exact gradient of each of
     # num_tasks whole unrolls) or "tbptt" (truncated backprop, num_tasks windows of
-    # `truncation` steps per estimate); see lopt.truncated_backprop.
+    # `truncation` steps per estimate); see lopt.meta.tbptt.
     estimator: str = "es"
     truncation: Annotated[int, COUNT] = 20
     num_tasks: Annotated[int, COUNT] = 4
@@ -179,7 +179,7 @@ class GateConfig:
 
     The decision is on the point estimates. Beside each, the report gives a paired bootstrap
     interval (``interval_level``, ``bootstrap_resamples`` draws of the seeds, and of the test
-    examples when the runs recorded per-example losses; :mod:`lopt.bootstrap`) and says
+    examples when the runs recorded per-example losses; :mod:`lopt.eval.bootstrap`) and says
     "within noise" when it contains the threshold: the thresholds stay, the reader learns
     which decisions another draw of seeds could flip.
     """
@@ -207,13 +207,13 @@ class ValidationConfig:
     at each multiple of the meta-training horizon, on every seed (a seed draws the fresh head
     and the minibatch order), by the learned optimizer and by each baseline at each point of
     its learning-rate grid (``grid_size`` log-spaced points over the baseline's own range,
-    see :mod:`lopt.baselines`; the point with the lowest validation loss is kept).
+    see :mod:`lopt.optim.baselines`; the point with the lowest validation loss is kept).
     ``checkpoint_seeds`` adds pretrained checkpoints of the same architecture (pretrained
     with those seeds), validated on the held-out tasks at T: new initializations.
 
     A grid whose best point is an edge grows past it at the same spacing, up to
     ``grid_extensions`` points per side and within the baseline's bounds, so every baseline's
-    learning rate is bracketed (:func:`lopt.evaluation.search_grid`; the report flags a best
+    learning rate is bracketed (:func:`lopt.eval.evaluation.search_grid`; the report flags a best
     left at an edge). The default baselines include schedule-free AdamW, so ``champion``
     means beating the best hand-designed optimizer here, not Adam only.
     """

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lopt.models import ModelFn, Params
-from lopt.tasks import Task
-from lopt.training import EvalParamsFn, cross_entropy, evaluate
+from lopt.inner.models import ModelFn, Params
+from lopt.inner.tasks import Task
+from lopt.inner.training import EvalParamsFn, cross_entropy, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def finetune_loop(
 ) -> tuple[Params, Curve]:
     """Fine-tunes ``params`` on ``task`` for ``num_steps`` minibatch steps of ``optimizer``, one
     jitted step at a time as a downstream job does (validation measures with the single jitted
-    unroll of :func:`lopt.evaluation.measured_unroll` instead); measurements evaluate
+    unroll of :func:`lopt.eval.evaluation.measured_unroll` instead); measurements evaluate
     ``eval_params(state, params)`` when given (e.g. :func:`lopt.eval_params`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")

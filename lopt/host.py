@@ -28,7 +28,7 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
 
 def use_all_cores() -> int:
     """One JAX CPU device per usable core (:func:`usable_cores`), so meta-training spreads its
-    ES pairs over every core (:class:`lopt.es.AntitheticES`); an ``XLA_FLAGS``
+    ES pairs over every core (:class:`lopt.meta.es.AntitheticES`); an ``XLA_FLAGS``
     that already sets the device count wins. Child processes (pipeline steps) inherit the
     setting. Returns the number of cores."""
     count = usable_cores()

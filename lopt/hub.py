@@ -8,13 +8,13 @@
     updates, state = opt.update(grads, state, params, value=loss)
 
 This module also registers what the pipeline produces. All MLflow access goes through
-:mod:`lopt.registry`; here only files are read and written (see :mod:`lopt.serialization`).
+:mod:`lopt.store.registry`; here only files are read and written (see :mod:`lopt.store.serialization`).
 
 Every read checks what it reads, in two layers, and names the version and the file when a
 check fails, with what to do:
 
-* :func:`lopt.registry.download` compares each file with the size and sha256 recorded on the
-  version when it was registered (:class:`lopt.registry.IntegrityError`);
+* :func:`lopt.store.registry.download` compares each file with the size and sha256 recorded on the
+  version when it was registered (:class:`lopt.store.registry.IntegrityError`);
 * the reader checks the format: headers and their fields, msgpack that parses, arrays of the
   right names, shapes, dtype (float32) and finite values (:class:`FormatError`).
 
@@ -34,10 +34,10 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import jax
 import optax
 
-from lopt import registry, serialization
-from lopt.l3rs import L3RS, MetaParams, check_horizon
-from lopt.models import ModelFn, ModelSpec, Params, model_fn, with_fresh_head
-from lopt.serialization import FormatError
+from lopt.store import registry, serialization
+from lopt.optim.l3rs import L3RS, MetaParams, check_horizon
+from lopt.inner.models import ModelFn, ModelSpec, Params, model_fn, with_fresh_head
+from lopt.store.serialization import FormatError
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ def load_pretrained(
 def load_optimizer(uri: str, tracking_uri: str | None = None) -> tuple[L3RS, MetaParams, dict[str, Any]]:
     """The registered L3RS optimizer's architecture, θ and header (horizon, lineage).
 
-    Raises :class:`lopt.registry.IntegrityError` or :class:`FormatError` (both ``ValueError``)
+    Raises :class:`lopt.store.registry.IntegrityError` or :class:`FormatError` (both ``ValueError``)
     naming the version and the file when the version's files are not the registered ones or
     not a readable optimizer (see the module docstring).
     """
@@ -253,7 +253,7 @@ def promote_optimizer(
     compared with the new champion. Each alias update is one atomic registry write;
     ``previous`` moves first, so ``champion`` and ``previous`` are valid versions at every
     moment and a consumer of ``@champion`` sees either the old or the new version. The
-    read-compare-write runs under :func:`lopt.registry.exclusive`.
+    read-compare-write runs under :func:`lopt.store.registry.exclusive`.
     """
     with registry.exclusive(name, tracking_uri):
         current = (

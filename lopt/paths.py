@@ -3,7 +3,7 @@
 Everything lopt writes on its own goes under one home, ``$LOPT_HOME`` (default ``.lopt`` in
 the working directory), read here and nowhere else::
 
-    <home>/mlflow.db             the embedded tracking store (lopt.registry)
+    <home>/mlflow.db             the embedded tracking store (lopt.store.registry)
     <home>/mlartifacts/          its artifacts, one directory per experiment
     <home>/tensorflow_datasets/  the prepared datasets, unless $TFDS_DATA_DIR names another
     <home>/checkpoints/          meta-training checkpoints, one directory per run key

@@ -44,9 +44,9 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     used without them from here on: nothing this command prints, passes to a step or logs can
     carry the password (:func:`lopt.redaction.split_credentials`). A remote store gets one
     request now, so that a server that is down fails the command at once, in one line (exit 2),
-    after MLflow's bounded retries (:data:`lopt.registry.HTTP_DEFAULTS`).
+    after MLflow's bounded retries (:data:`lopt.store.registry.HTTP_DEFAULTS`).
     """
-    from lopt import registry
+    from lopt.store import registry
 
     uri, credentials = registry.split_credentials(registry.resolve_tracking_uri(args.tracking_uri))
     os.environ.update(credentials)
@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from kfp import local
 
-    from lopt import registry
+    from lopt.store import registry
     from pipeline.pipeline import l3rs_pipeline
     from pipeline.steps import StepContext, check_inputs
 
@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _failure(tracking_uri: str, started_ms: int) -> str:
     """What ``lopt run`` says when a step failed: the step and its error, from the MLflow run
     this run opened (its tags), and what to do."""
-    from lopt import registry
+    from lopt.store import registry
     from pipeline.steps import ERROR_TAG, EXPERIMENT, FAILED_STEP_TAG
 
     # Oldest first: this command's run started before any that began while it ran.
@@ -240,7 +240,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from lopt import paths
 
     home = paths.pin_home(args.home, create=False)
-    from lopt import registry
+    from lopt.store import registry
     from lopt.hub import fetch_files
 
     out = Path(args.out).resolve()
@@ -271,12 +271,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     paths.pin_home(args.home, create=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from lopt import registry
-    from lopt.baselines import get_baseline
+    from lopt.store import registry
+    from lopt.optim.baselines import get_baseline
     from lopt.finetune import finetune_loop, tuned_adam
     from lopt.hub import fetch_optimizer, load_pretrained
-    from lopt.l3rs import eval_params
-    from lopt.tasks import TaskSpec, load_task
+    from lopt.optim.l3rs import eval_params
+    from lopt.inner.tasks import TaskSpec, load_task
 
     tracking_uri = _tracking_uri(args)
     optimizer_version = registry.resolve(args.optimizer, tracking_uri)
@@ -512,7 +512,7 @@ def _redact(text: str) -> str:
 
 def _tracking_failure(err: Exception) -> str | None:
     """One line for a failure of the MLflow tracking store, or None for any other error."""
-    registry = sys.modules.get("lopt.registry")  # not imported: MLflow cannot have failed
+    registry = sys.modules.get("lopt.store.registry")  # not imported: MLflow cannot have failed
     return registry.failure_message(err) if registry is not None else None
 
 

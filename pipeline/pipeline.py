@@ -81,7 +81,7 @@ class ClusterTarget:
         kubernetes.use_secret_as_env(
             task, secret_name=self.mlflow_secret, secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS}
         )
-        # An explicit tracking_uri parameter wins over this (lopt.registry.resolve_tracking_uri).
+        # An explicit tracking_uri parameter wins over this (lopt.store.registry.resolve_tracking_uri).
         kubernetes.use_config_map_as_env(
             task, config_map_name=self.config_map, config_map_key_to_env={k: k for k in CONFIG_MAP_KEYS}
         )

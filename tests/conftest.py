@@ -38,7 +38,7 @@ import pytest
 from lopt.host import use_compilation_cache
 
 # Longest first: the local pipeline run, then the run against an MLflow server.
-FIRST = ("tests/test_pipeline.py::", "tests/test_mlflow_server.py::")
+FIRST = ("tests/e2e/test_pipeline.py::", "tests/e2e/test_mlflow_server.py::")
 
 
 def _rank(item: pytest.Item) -> tuple[int, int]:
@@ -181,7 +181,7 @@ def _start_mlflow(backend_uri: str, artifacts: Path, log: Path) -> tuple[subproc
         "--serve-artifacts", "--artifacts-destination", str(artifacts),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         # MLflow 3's host-header check: loopback only; any port on 127.0.0.1, so that a test
-        # can put a forwarder in front of the server (tests/test_faults_server.py).
+        # can put a forwarder in front of the server (tests/store/test_faults_server.py).
         "--allowed-hosts", f"127.0.0.1:*,localhost:{port}",
     ]
     # No job runner: MLflow 3 otherwise starts eight more processes (huey consumers for its

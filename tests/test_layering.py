@@ -50,7 +50,7 @@ def test_core_never_imports_kfp_and_only_the_registry_imports_mlflow():
     imports = {str(p.relative_to(LOPT)): _imported_packages(p) for p in LOPT.rglob("*.py")}
     assert len(imports) > 10
     assert [name for name, packages in imports.items() if "kfp" in packages] == []
-    assert [name for name, packages in imports.items() if "mlflow" in packages] == ["registry.py"]
+    assert [name for name, packages in imports.items() if "mlflow" in packages] == ["store/registry.py"]
 
 
 def test_lopt_has_no_import_cycle():
@@ -72,7 +72,7 @@ def test_lopt_has_no_import_cycle():
 def test_every_configurable_estimator_is_built_by_one_factory():
     # The config (plain data, below the estimators) names them; meta-training maps the names.
     from lopt.config import ESTIMATORS
-    from lopt.meta_training import ESTIMATOR_FACTORIES
+    from lopt.meta.loop import ESTIMATOR_FACTORIES
 
     assert sorted(ESTIMATOR_FACTORIES) == sorted(ESTIMATORS)
 
@@ -100,13 +100,13 @@ def test_meta_training_needs_neither_mlflow_nor_tfds():
 
         sys.meta_path.insert(0, Absent())
         import jax, jax.numpy as jnp
-        from lopt import models
+        from lopt.inner import models
         from lopt.config import get_config
-        from lopt.l3rs import L3RS
-        from lopt.layout import LayerLayout
-        from lopt.meta_training import make_estimator
-        from lopt.serialization import read_model, write_model
-        from lopt.tasks import TaskFamily, TaskFamilySpec
+        from lopt.optim.l3rs import L3RS
+        from lopt.optim.layout import LayerLayout
+        from lopt.meta.loop import make_estimator
+        from lopt.store.serialization import read_model, write_model
+        from lopt.inner.tasks import TaskFamily, TaskFamilySpec
 
         cfg = get_config("tiny", {"meta_train": {"num_pairs": 2}}).meta_train
         spec = models.ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidden_size=8)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from lopt.config import RunConfig, get_config
 from lopt.hub import load_pretrained
-from lopt.models import ModelSpec, Params
+from lopt.inner.models import ModelSpec, Params
 
 
 class BaseModel(NamedTuple):
@@ -33,7 +33,7 @@ class StepContext:
     config: RunConfig
     budget: str
     overrides: str
-    tracking_uri: str | None = None  # None: lopt.registry's default store
+    tracking_uri: str | None = None  # None: lopt.store.registry's default store
     data_dir: str | None = None  # None: lopt.data's default directory
     base_model_uri: str = ""  # models:/name/version, pinned by the first step
     run_id: str = ""  # the pipeline run's MLflow run, opened by the first step

@@ -9,15 +9,16 @@ from typing import Any
 
 import jax
 
-from lopt import paths, registry
-from lopt.checkpointing import checkpoint_key
+from lopt import paths
+from lopt.store import registry
+from lopt.meta.checkpointing import checkpoint_key
 from lopt.config import get_config, variant_label, with_variant
 from lopt.hub import CHAMPION, fetch_files, optimizer_name
-from lopt.l3rs import L3RS, LayerLayout
-from lopt.meta_training import make_estimator, meta_train
-from lopt.models import with_fresh_head
-from lopt.serialization import write_optimizer
-from lopt.tasks import load_task_family
+from lopt.optim.l3rs import L3RS, LayerLayout
+from lopt.meta.loop import make_estimator, meta_train
+from lopt.inner.models import with_fresh_head
+from lopt.store.serialization import write_optimizer
+from lopt.inner.tasks import load_task_family
 
 from pipeline.steps.context import StepContext
 from pipeline.steps.mlflow_run import records_failure
@@ -41,7 +42,7 @@ def meta_train_optimizer(
     default); writes it to ``output_dir``.
 
     Checkpoints go to ``checkpoint_dir`` (default: under ``$LOPT_HOME/checkpoints``, named
-    after the base model version and :func:`lopt.checkpointing.checkpoint_key` of the config,
+    after the base model version and :func:`lopt.meta.checkpointing.checkpoint_key` of the config,
     the code and the task family's data). With ``retrain`` false (the champion
     optimizer is up to date, see :func:`~pipeline.steps.staleness.retrain_decision`), nothing
     is trained: the champion's files go to ``output_dir`` with a ``skipped.json`` that tells

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Any, Callable, TypeVar
 
-from lopt import registry
+from lopt.store import registry
 
 from pipeline.steps.context import StepContext
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lopt import registry
+from lopt.store import registry
 from lopt.config import RunConfig
 from lopt.data import DatasetUnavailableError, load_dataset
-from lopt.evaluation import pretrain
+from lopt.eval.evaluation import pretrain
 from lopt.hub import CHAMPION, register_base_model
-from lopt.tasks import load_task
+from lopt.inner.tasks import load_task
 
 from pipeline.steps.context import StepContext
 from pipeline.steps.mlflow_run import EXPERIMENT

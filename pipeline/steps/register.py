@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lopt import registry
+from lopt.store import registry
 from lopt.hub import CHALLENGER, CHAMPION, promote_optimizer, register_optimizer
-from lopt.l3rs import L3RS
-from lopt.lineage import code_version, data_hash
-from lopt.serialization import read_optimizer
+from lopt.optim.l3rs import L3RS
+from lopt.store.lineage import code_version, data_hash
+from lopt.store.serialization import read_optimizer
 
 from pipeline.steps.context import StepContext
 from pipeline.steps.mlflow_run import close_run, records_failure

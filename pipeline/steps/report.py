@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from lopt import paths, registry
+from lopt import paths
+from lopt.store import registry
 from lopt.config import RunConfig
-from lopt.evaluation import trace_controls
-from lopt.l3rs import L3RS
-from lopt.models import ModelSpec, Params
+from lopt.eval.evaluation import trace_controls
+from lopt.optim.l3rs import L3RS
+from lopt.inner.models import ModelSpec, Params
 
 
 def write_plots(
@@ -22,7 +23,7 @@ def write_plots(
 ) -> Path:
     """The validation plots and the HTML page gathering them, under
     ``$LOPT_HOME/reports/<MLflow run id>/``; returns the page's path."""
-    from lopt import plots  # matplotlib: only this step needs it
+    from lopt.eval import plots  # matplotlib: only this step needs it
 
     out = paths.reports_dir() / run_id
     figures = {"Learning curves on the held-out tasks (mean test loss over seeds)": plots.learning_curves(report, out / "learning_curves.png")}

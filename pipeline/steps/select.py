@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt import registry
+from lopt.store import registry
 from lopt.config import variant_label
-from lopt.l3rs import L3RS
-from lopt.estimator import FinalValidationLoss
-from lopt.serialization import read_optimizer
-from lopt.tasks import load_task_family
+from lopt.optim.l3rs import L3RS
+from lopt.meta.estimator import FinalValidationLoss
+from lopt.store.serialization import read_optimizer
+from lopt.inner.tasks import load_task_family
 
 from pipeline.steps.context import StepContext
 from pipeline.steps.meta_train import skipped

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lopt import registry
+from lopt.store import registry
 from lopt.config import RunConfig
 from lopt.hub import CHAMPION, optimizer_name
-from lopt.lineage import data_hash
-from lopt.tasks import load_task, load_task_family
+from lopt.store.lineage import data_hash
+from lopt.inner.tasks import load_task, load_task_family
 
 from pipeline.steps.context import StepContext
 

@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lopt import registry
-from lopt.evaluation import pretrain
+from lopt.store import registry
+from lopt.eval.evaluation import pretrain
 from lopt.hub import CHAMPION, load_optimizer, optimizer_name
-from lopt.l3rs import L3RS, LayerLayout
-from lopt.models import ModelSpec, Params
-from lopt.serialization import read_optimizer
-from lopt.tasks import load_task
-from lopt.validation import PRIMARY, Checkpoint, validate
+from lopt.optim.l3rs import L3RS, LayerLayout
+from lopt.inner.models import ModelSpec, Params
+from lopt.store.serialization import read_optimizer
+from lopt.inner.tasks import load_task
+from lopt.eval.validation import PRIMARY, Checkpoint, validate
 
 from pipeline.steps.context import StepContext
 from pipeline.steps.meta_train import skipped
@@ -27,7 +27,7 @@ from pipeline.steps.report import finite, write_plots
 def validate_optimizer(
     *, ctx: StepContext, optimizer_dir: str, report_path: str, html_path: str = ""
 ) -> dict[str, Any]:
-    """Runs the validation suite (:mod:`lopt.validation`) on the optimizer in
+    """Runs the validation suite (:mod:`lopt.eval.validation`) on the optimizer in
     ``optimizer_dir``; writes the JSON report, logs its numbers to the MLflow run, and writes
     the plots and HTML report (also to ``html_path`` when given) and logs them there too."""
     config = ctx.config

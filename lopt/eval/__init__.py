@@ -1,0 +1,3 @@
+"""Measuring optimizers: tuned baselines and L3RS on held-out tasks (:mod:`lopt.eval.evaluation`),
+the validation suite and its gate (:mod:`lopt.eval.validation`), paired bootstrap intervals
+(:mod:`lopt.eval.bootstrap`) and the report's plots (:mod:`lopt.eval.plots`)."""
