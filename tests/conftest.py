@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,29 @@ from lopt.host import use_compilation_cache
 
 # Longest first: the local pipeline run, then the run against an MLflow server.
 FIRST = ("tests/e2e/test_pipeline.py::", "tests/e2e/test_mlflow_server.py::")
+
+
+@contextlib.contextmanager
+def store_with_base_model(home: Path, name: str, spec) -> Iterator[tuple[str, dict]]:
+    """An embedded SQLite store with ``$LOPT_HOME`` = ``home`` and no ``MLFLOW_TRACKING_URI``,
+    holding base model ``name`` (``spec``, params from key 0) at ``@champion``; yields the
+    tracking URI and the params. For module-scoped store fixtures."""
+    import jax
+
+    from lopt.hub import register_base_model
+    from lopt.inner.models import init_params
+    from lopt.store import registry
+
+    uri = f"sqlite:///{home}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOPT_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        params = init_params(spec, jax.random.key(0))
+        register_base_model(
+            name, spec, params, run_id=registry.start_run("test", tracking_uri=uri),
+            metrics={"test_accuracy": 0.5}, description="a test model", tracking_uri=uri,
+        )
+        yield uri, params
 
 
 def _rank(item: pytest.Item) -> tuple[int, int]:

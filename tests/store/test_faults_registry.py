@@ -30,7 +30,8 @@ from lopt.store import registry, serialization
 from lopt.hub import fetch_files, register_base_model, register_optimizer
 from lopt.optim.l3rs import L3RS, L3RSConfig
 from lopt.optim.layout import LayerLayout
-from lopt.inner.models import ModelSpec, init_params
+from lopt.inner.models import ModelSpec
+from conftest import store_with_base_model
 from pipeline import cli
 
 
@@ -41,15 +42,7 @@ SPEC = ModelSpec(num_classes=3, input_shape=(8, 8, 1), conv_features=(4,), hidde
 def store(tmp_path_factory):
     """One SQLite store with a base model; each test registers the optimizer versions it damages."""
     home = tmp_path_factory.mktemp("home")
-    uri = f"sqlite:///{home}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOPT_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        params = init_params(SPEC, jax.random.key(0))
-        register_base_model(
-            "tiny", SPEC, params, run_id=registry.start_run("faults", tracking_uri=uri),
-            metrics={"test_accuracy": 0.5}, description="test", tracking_uri=uri,
-        )
+    with store_with_base_model(home, "tiny", SPEC) as (uri, params):
         l3rs = L3RS(L3RSConfig(), LayerLayout.from_params(params))
         yield {"uri": uri, "home": home, "l3rs": l3rs, "theta": l3rs.init(jax.random.key(1)),
                "base": registry.resolve("models:/tiny@champion", uri), "params": params}

@@ -10,7 +10,8 @@ import pytest
 
 import lopt
 from lopt.store import registry
-from lopt.hub import promote_optimizer, register_base_model, register_optimizer
+from lopt.hub import promote_optimizer, register_optimizer
+from conftest import store_with_base_model
 from lopt.optim.l3rs import L3RS, L3RSConfig
 from lopt.optim.layout import LayerLayout
 from lopt.inner.models import ModelSpec, init_params, with_fresh_head
@@ -21,16 +22,7 @@ SPEC = ModelSpec(num_classes=4, input_shape=(8, 8, 1), conv_features=(4,), hidde
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    uri = f"sqlite:///{home}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOPT_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        params = init_params(SPEC, jax.random.key(0))
-        run_id = registry.start_run("test", tracking_uri=uri)
-        register_base_model(
-            "tiny-cnn", SPEC, params, run_id=run_id, metrics={"test_accuracy": 0.5},
-            description="a test model", tracking_uri=uri,
-        )
+    with store_with_base_model(home, "tiny-cnn", SPEC) as (uri, params):
         base = registry.resolve("models:/tiny-cnn@champion", uri)
         layout = LayerLayout.from_params(with_fresh_head(SPEC, params, 3, jax.random.key(0)))
         l3rs = L3RS(L3RSConfig(), layout)
